@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (install + quickstart run) and `make test` (install + test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint install install-dev bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+
+demo: install
+	$(BIN)/vittune finetune recipes/quickstart.yaml
+
+test: install-dev
+	WANDB_MODE=offline $(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/mae_step.py
+	$(BIN)/python benchmarks/distill_step.py

@@ -1,0 +1,228 @@
+"""Finding images and labels (image folders, CSV manifests) and reading them as samples."""
+
+from __future__ import annotations
+
+import csv
+import random
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vittune.data.decode import IMAGE_SUFFIXES, read_image
+from vittune.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    path: Path
+    labels: tuple[int, ...]  # empty for unlabelled images; several for multi-label
+
+
+@dataclass
+class SplitSamples:
+    """Everything the data module needs: class names and samples per split."""
+
+    classes: list[str]
+    splits: dict[str, list[Sample]] = field(default_factory=dict)
+
+
+def _images_under(folder: Path, recursive: bool = False) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _class_folders(root: Path) -> dict[str, list[Path]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(
+            f"no class sub-folders in {root}; expected {root}/<class>/<image> (or set data.labelled: false)"
+        )
+    found = {}
+    for folder in folders:
+        images = _images_under(folder, recursive=True)
+        if not images:
+            raise DataError(
+                f"class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); add images or remove the folder"
+            )
+        found[folder.name] = images
+    return found
+
+
+def scan_folder(root: str | Path, labelled: bool = True) -> SplitSamples:
+    """Read `<root>/<class>/*` or `<root>/{train,val,test}/<class>/*`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"data.root {root} does not exist or is not a folder; fix the path in the recipe"
+        )
+    if not labelled:
+        images = _images_under(root, recursive=True)
+        if not images:
+            raise DataError(
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}; check data.root"
+            )
+        return SplitSamples(classes=[], splits={"train": [Sample(p, ()) for p in images]})
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if "train" not in split_dirs:
+        per_class = _class_folders(root)
+        classes = list(per_class)
+        samples = [Sample(p, (i,)) for i, name in enumerate(classes) for p in per_class[name]]
+        return SplitSamples(classes=classes, splits={"train": samples})
+    train = _class_folders(split_dirs["train"])
+    classes = list(train)
+    result = SplitSamples(classes=classes)
+    for split, folder in split_dirs.items():
+        per_class = train if split == "train" else _class_folders(folder)
+        unknown = sorted(set(per_class) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{folder} has classes {unknown} that train/ does not have; add them to train/ or remove them"
+            )
+        result.splits[split] = [
+            Sample(p, (classes.index(name),)) for name, paths in per_class.items() for p in paths
+        ]
+    return result
+
+
+def scan_csv(
+    csv_path: str | Path, multi_label: bool = False, labelled: bool = True
+) -> SplitSamples:
+    """Read a manifest `path,label[,split]`; paths are relative to the CSV's folder."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"data.csv {csv_path} does not exist; fix the path in the recipe")
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        needed = {"path", "label"} if labelled else {"path"}
+        if not needed <= columns:
+            raise DataError(
+                f"{csv_path} needs a header with columns {sorted(needed)} (optional: split); found {sorted(columns)}"
+            )
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{csv_path} lists no images; add rows path,label[,split]")
+    raw: dict[str, list[tuple[Path, list[str]]]] = defaultdict(list)
+    for line, row in enumerate(rows, start=2):
+        image = csv_path.parent / (row["path"] or "").strip()
+        if not row["path"] or not image.is_file():
+            raise DataError(
+                f"{csv_path} line {line}: image {row['path']!r} not found (paths are relative to the CSV); fix or remove the row"
+            )
+        split = (row.get("split") or "train").strip().lower()
+        if split not in SPLITS:
+            raise DataError(
+                f"{csv_path} line {line}: split {split!r} must be one of {', '.join(SPLITS)}"
+            )
+        names = (
+            []
+            if not labelled
+            else [n.strip() for n in (row["label"] or "").split(";" if multi_label else "\0")]
+        )
+        names = [n for n in names if n]
+        if labelled and not names:
+            raise DataError(
+                f"{csv_path} line {line}: empty label for {row['path']!r}; give every image a label"
+            )
+        raw[split].append((image, names))
+    if "train" not in raw:
+        raise DataError(
+            f"{csv_path} has no rows in the train split; mark some rows split=train or drop the split column"
+        )
+    classes = sorted({n for _, names in raw["train"] for n in names})
+    result = SplitSamples(classes=classes)
+    for split, entries in raw.items():
+        unknown = sorted({n for _, names in entries for n in names} - set(classes))
+        if unknown:
+            raise DataError(
+                f"{csv_path}: labels {unknown} in split {split!r} never appear in train; fix the labels or add train rows"
+            )
+        result.splits[split] = [
+            Sample(p, tuple(classes.index(n) for n in names)) for p, names in entries
+        ]
+    return result
+
+
+def stratified_split(
+    samples: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `val_fraction` of each class (by first label), seeded; classes of one image stay in train."""
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_class[sample.labels[0] if sample.labels else -1].append(sample)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = list(by_class[label])
+        rng.shuffle(group)
+        n_val = (
+            min(len(group) - 1, max(1, round(len(group) * val_fraction))) if len(group) > 1 else 0
+        )
+        val.extend(group[:n_val])
+        train.extend(group[n_val:])
+    return train, val
+
+
+class ImageDataset(Dataset):
+    """Decodes one sample per index; a corrupt file is skipped (with a warning) or raises."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        num_classes: int,
+        transform: Callable | None,
+        in_chans: int = 3,
+        intensity: str = "dtype",
+        multi_label: bool = False,
+        on_corrupt: str = "skip",
+    ) -> None:
+        self.samples = samples
+        self.num_classes = num_classes
+        self.transform = transform
+        self.in_chans = in_chans
+        self.intensity = intensity
+        self.multi_label = multi_label
+        self.on_corrupt = on_corrupt
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def target(self, sample: Sample) -> torch.Tensor:
+        if self.multi_label:
+            target = torch.zeros(self.num_classes)
+            target[list(sample.labels)] = 1.0
+            return target
+        return torch.tensor(sample.labels[0] if sample.labels else -1)
+
+    def load(self, index: int) -> np.ndarray:
+        return read_image(self.samples[index].path, self.in_chans, self.intensity)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for attempt in range(len(self.samples)):
+            current = (index + attempt) % len(self.samples)
+            try:
+                pixels = self.load(current)
+            except DataError as err:
+                if self.on_corrupt == "error":
+                    raise
+                warnings.warn(
+                    f"{err} (skipped; set data.on_corrupt: error to stop instead)", stacklevel=2
+                )
+                continue
+            image = (
+                self.transform(image=pixels)["image"]
+                if self.transform
+                else torch.from_numpy(pixels).permute(2, 0, 1)
+            )
+            return image, self.target(self.samples[current])
+        raise DataError("no image in this split could be decoded; check the data folder")

@@ -1,0 +1,122 @@
+"""Albumentations pipelines built from the recipe's `augment:` section.
+
+Images arrive as float32 in [0, 1] with any number of channels, so presets use only
+transforms that work on float images of 1 or 3 channels (no uint8-only ops).
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+
+import albumentations as A
+from albumentations.pytorch import ToTensorV2
+
+from vittune.errors import RecipeError
+from vittune.recipe.schema import AugmentConfig
+
+
+def _size(img_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+
+def _preset(name: str, height: int, width: int) -> list[A.BasicTransform]:
+    """Named presets. `strong` follows RandAugment: two random ops per image, then erasing."""
+    crop = A.RandomResizedCrop
+    if name == "none":
+        return [A.Resize(height, width)]
+    if name == "light":
+        return [crop(size=(height, width), scale=(0.5, 1.0)), A.HorizontalFlip(p=0.5)]
+    if name == "strong":
+        return [
+            crop(size=(height, width), scale=(0.08, 1.0)),
+            A.HorizontalFlip(p=0.5),
+            A.SomeOf(
+                [
+                    A.RandomBrightnessContrast(0.3, 0.3, p=1.0),
+                    A.Affine(rotate=(-30, 30), p=1.0),
+                    A.Affine(shear=(-15, 15), p=1.0),
+                    A.Affine(translate_percent=(-0.2, 0.2), p=1.0),
+                    A.Sharpen(p=1.0),
+                    A.GaussianBlur(blur_limit=(3, 5), p=1.0),
+                    A.Solarize(threshold_range=(0.5, 0.5), p=1.0),
+                    A.RandomGamma(gamma_limit=(70, 150), p=1.0),
+                ],
+                n=2,
+            ),
+            A.CoarseDropout(
+                num_holes_range=(1, 1),
+                hole_height_range=(0.1, 0.4),
+                hole_width_range=(0.1, 0.4),
+                p=0.25,
+            ),
+        ]
+    if name == "medical":
+        # Mild geometry (anatomy keeps its orientation: no flips) and intensity changes that
+        # mimic acquisition differences between scanners.
+        return [
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), p=0.7),
+            crop(size=(height, width), scale=(0.8, 1.0), ratio=(0.9, 1.1)),
+            A.RandomBrightnessContrast(0.1, 0.1, p=0.5),
+            A.RandomGamma(gamma_limit=(85, 115), p=0.5),
+            A.GaussNoise(std_range=(0.0, 0.02), p=0.3),
+        ]
+    raise RecipeError(f"unknown augment.preset {name!r}; use none, light, strong or medical")
+
+
+def _explicit(specs: list, height: int, width: int) -> list[A.BasicTransform]:
+    """Transforms named in the recipe, looked up only among albumentations' own classes."""
+    known = {
+        n
+        for n in dir(A)
+        if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)
+    }
+    pipeline = []
+    for spec in specs:
+        kwargs = spec.model_dump(exclude={"name"})
+        if spec.name not in known:
+            guess = difflib.get_close_matches(spec.name, sorted(known), n=1)
+            hint = (
+                f"did you mean {guess[0]}?" if guess else "see albumentations' list of transforms"
+            )
+            raise RecipeError(
+                f"augment.transforms: unknown albumentations transform {spec.name!r}; {hint}"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # albumentations warns on bad arguments
+                pipeline.append(getattr(A, spec.name)(**kwargs))
+        except (TypeError, ValueError, UserWarning) as err:
+            message = str(err).splitlines()[0]
+            raise RecipeError(
+                f"augment.transforms: {spec.name}({kwargs}) is invalid: {message}"
+            ) from None
+    return [*pipeline, A.Resize(height, width)]  # guarantee the model's input size
+
+
+def build_train_transform(
+    cfg: AugmentConfig,
+    img_size: int | tuple[int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> A.Compose:
+    height, width = _size(img_size)
+    ops = (
+        _explicit(cfg.transforms, height, width)
+        if cfg.transforms is not None
+        else _preset(cfg.preset, height, width)
+    )
+    return A.Compose([*ops, A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()])
+
+
+def build_eval_transform(
+    img_size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> A.Compose:
+    height, width = _size(img_size)
+    return A.Compose(
+        [
+            A.Resize(height, width),
+            A.Normalize(mean=mean, std=std, max_pixel_value=1.0),
+            ToTensorV2(),
+        ]
+    )

@@ -1,0 +1,65 @@
+"""Exported weights: `model.safetensors` in timm key names plus a `config.json`.
+
+`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...),
+num_classes=N)` loads the export directly; vittune reads `config.json` to know the
+classes and the token grid the weights were trained at.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+def export_config(
+    model_name: str,
+    model: nn.Module,
+    classes: list[str],
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    model_kwargs: dict[str, Any],
+    task: str,
+) -> dict[str, Any]:
+    size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return {
+        "architecture": model_name,
+        "task": task,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "img_size": size,
+        "patch_size": int(patch[0]) if patch is not None else None,
+        "in_chans": in_chans,
+        "mean": list(mean),
+        "std": list(std),
+        "model_kwargs": model_kwargs,
+    }
+
+
+def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared or strided storage; give it plain CPU copies."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def write_export(
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    folder: Path,
+    filename: str = "model.safetensors",
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / filename
+    save_file(
+        contiguous_state(state),
+        str(path),
+        metadata={"format": "pt", "architecture": config["architecture"]},
+    )
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path

@@ -1,0 +1,116 @@
+"""Finding, verifying and reading weight files safely (`weights_only=True`, safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from vittune.errors import WeightsError
+
+WEIGHT_FILES = ("model.safetensors", "encoder.safetensors")
+LIGHTNING_PREFIX = "model."  # every vittune task keeps its timm backbone as `self.model`
+
+
+@dataclass
+class WeightSource:
+    """A weight file and what vittune knows about it (from a `config.json` beside it)."""
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_weight_file(spec: str | Path) -> WeightSource:
+    """Accept a weight file, or a vittune run folder (its export, else its last checkpoint)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        candidates = [path / name for name in WEIGHT_FILES] + [path / "checkpoints" / "last.ckpt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise WeightsError(
+                f"{path} holds no {', '.join(WEIGHT_FILES)} or checkpoints/last.ckpt; point pretrained at a weight file"
+            )
+        path = found
+    elif not path.is_file():
+        raise WeightsError(
+            f"pretrained weights {path} not found; give a .safetensors/.pth/.bin/.ckpt file, a run folder, or true for hub weights"
+        )
+    config_file = path.parent / "config.json"
+    if not config_file.is_file() and path.parent.name == "checkpoints":
+        config_file = path.parent.parent / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return WeightSource(path, config)
+
+
+def verify_sha256(path: Path, expected: str | None) -> None:
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise WeightsError(
+            f"{path} has sha256 {digest.hexdigest()}, not the expected {expected}; the file is corrupt or not the one you meant"
+        )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors, or from torch pickles loaded with `weights_only=True`.
+
+    Lightning checkpoints are unwrapped to the backbone (`model.` prefix stripped).
+    """
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickles that need arbitrary code are refused here
+        raise WeightsError(
+            f"cannot load {path} safely (weights_only=True): {str(err).splitlines()[0]}"
+        ) from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(content, dict) and isinstance(content.get(key), dict):
+            content = content[key]
+            break
+    if not isinstance(content, dict):
+        raise WeightsError(f"{path} holds no state dict")
+    if any(k.startswith(LIGHTNING_PREFIX) for k in content):
+        content = {
+            k[len(LIGHTNING_PREFIX) :]: v
+            for k, v in content.items()
+            if k.startswith(LIGHTNING_PREFIX)
+        }
+    return {k.removeprefix("module."): v for k, v in content.items() if isinstance(v, torch.Tensor)}
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A short TCP probe so that an offline machine fails fast instead of waiting on retries."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def prepare_hub_access() -> None:
+    """Switch huggingface_hub to its offline cache when the hub cannot be reached.
+
+    Honours a user's HF_HUB_OFFLINE; never waits longer than the probe's timeout.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            import huggingface_hub.constants as hub_constants
+
+            hub_constants.HF_HUB_OFFLINE = True
+        except (ImportError, AttributeError):
+            pass

@@ -1,0 +1,207 @@
+"""Recipe loading: command defaults, then the YAML file (with `base:` inheritance),
+then dotted command-line overrides, merged in that order and validated by the schema.
+
+Recipes are data: files go through `yaml.safe_load` and nothing in them is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from vittune.errors import RecipeError
+from vittune.recipe.schema import Command, MaeConfig, Recipe
+
+# Paper defaults that differ from fine-tuning (He et al. 2021, Table 8); the recipe
+# file and the command line override them.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "finetune": {},
+    "pretrain-mae": {
+        "mae": {},
+        "optim": {"lr": 1.5e-4, "lr_scaling": "linear", "betas": [0.9, 0.95], "weight_decay": 0.05},
+        "augment": {"preset": "light"},
+        "model": {"drop_path_rate": 0.0},
+    },
+    "distill": {},
+}
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge `update` into a copy of `base`: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML recipe, resolving `base:` (relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"recipe file not found: {path} (check the path; recipes live in recipes/)"
+        )
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise RecipeError(f"recipe `base:` chain loops back on itself: {chain}; remove one `base:`")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(
+            f"recipe {path} is not valid YAML{where}: {getattr(err, 'problem', err)}"
+        ) from None
+    if not isinstance(content, dict):
+        raise RecipeError(
+            f"recipe {path} must be a mapping of sections (model:, data:, ...), got {type(content).__name__}"
+        )
+    base = content.pop("base", None)
+    if base is None:
+        return content
+    if not isinstance(base, str):
+        raise RecipeError(f"`base:` in {path} must be a path to another recipe, got {base!r}")
+    parent = read_recipe_file(path.parent / base, (*_seen, resolved))
+    return deep_merge(parent, content)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `optim.lr=3e-4` into {"optim": {"lr": 0.0003}}; values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(
+            f"override {text!r} is not of the form section.key=value (e.g. optim.lr=3e-4)"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for did-you-mean suggestions)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return model
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return model
+        model = nested[0]
+    return model
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming the first problem, where it is, and how to fix it."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        known = sorted(owner.model_fields) if owner else []
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = (
+            f"did you mean `{'.'.join([*map(str, loc[:-1]), guess[0]])}`?"
+            if guess
+            else f"known keys here: {', '.join(known)}"
+        )
+        return f"unknown recipe key `{dotted}`; {hint}"
+    if first["type"] == "missing":
+        return f"recipe key `{dotted}` is required but missing; add it to the recipe"
+    value = first.get("input")
+    return f"recipe key `{dotted}`: {first['msg']} (got {value!r}); fix the value in the recipe or override"
+
+
+def check_semantics(recipe: Recipe, command: Command) -> None:
+    """Checks that need more than one field; each raises a one-line RecipeError."""
+    if recipe.task is not None and recipe.task != command:
+        raise RecipeError(
+            f"this recipe is for `vittune {recipe.task}`, not `vittune {command}`; run that command instead"
+        )
+    data = recipe.data
+    sources = [name for name in ("root", "csv", "builtin") if getattr(data, name)]
+    if len(sources) != 1:
+        raise RecipeError(
+            "set exactly one of data.root, data.csv or data.builtin "
+            + (f"(got {', '.join(sources)})" if sources else "(none is set)")
+        )
+    if len(set(map(len, filter(None, (data.mean, data.std))))) > 1:
+        raise RecipeError(
+            "data.mean and data.std must have the same length (one value per channel)"
+        )
+    if data.mean is not None and len(data.mean) not in (1, recipe.model.in_chans):
+        raise RecipeError(
+            f"data.mean has {len(data.mean)} values but model.in_chans is {recipe.model.in_chans}"
+        )
+    if data.multi_label and (recipe.augment.mixup_alpha > 0 or recipe.augment.cutmix_alpha > 0):
+        raise RecipeError(
+            "mixup/cutmix are not supported with data.multi_label; set augment.mixup_alpha and augment.cutmix_alpha to 0"
+        )
+    if data.multi_label and recipe.loss.class_weights == "balanced":
+        raise RecipeError(
+            "loss.class_weights: balanced is for single-label data; give explicit weights or none"
+        )
+    patch = recipe.model.patch_size
+    sizes = (
+        (recipe.model.img_size,) * 2
+        if isinstance(recipe.model.img_size, int)
+        else recipe.model.img_size
+    )
+    if patch is not None and any(s % patch for s in sizes):
+        raise RecipeError(
+            f"model.img_size {recipe.model.img_size} is not divisible by model.patch_size {patch}; pick a multiple of {patch}"
+        )
+    if command == "distill" and recipe.distill is None:
+        raise RecipeError(
+            "`vittune distill` needs a `distill:` section with at least `teacher: {name: ..., pretrained: ...}`"
+        )
+    if command == "distill" and recipe.distill.teacher.pretrained is False:
+        raise RecipeError(
+            "distill.teacher.pretrained is false: a random teacher teaches nothing; point it at weights"
+        )
+    if command == "pretrain-mae" and recipe.mae is None:
+        recipe.mae = MaeConfig()
+    for epoch, blocks in recipe.freeze.unfreeze_schedule.items():
+        if epoch < 0 or blocks < 0:
+            raise RecipeError(
+                f"freeze.unfreeze_schedule entry {epoch}: {blocks} must map an epoch >= 0 to a block count >= 0"
+            )
+
+
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, command: Command = "finetune"
+) -> Recipe:
+    """Resolve a recipe file plus overrides into a validated Recipe."""
+    raw = deep_merge(COMMAND_DEFAULTS[command], read_recipe_file(path))
+    for text in overrides or []:
+        raw = deep_merge(raw, parse_override(text))
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err)) from None
+    check_semantics(recipe, command)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, loadable again with `load_recipe`."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

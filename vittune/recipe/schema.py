@@ -1,0 +1,200 @@
+"""The recipe schema: the single source of truth for every setting vittune reads.
+
+Every section forbids unknown keys (a misspelt key is an error, never a silent no-op).
+`None` means "keep what the backbone or library would do by default".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Command = Literal["finetune", "pretrain-mae", "distill"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which timm backbone, from which weights, at which input geometry."""
+
+    name: str = "vit_small_patch16_224"
+    pretrained: bool | str = False  # true: timm hub weights; a path: local file or run folder
+    pretrained_sha256: str | None = None
+    img_size: int | tuple[int, int] = 224
+    patch_size: int | None = None  # resample the patch embedding (FlexiViT) when set
+    in_chans: int = Field(3, ge=1)
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    head_init: Literal["trunc_normal", "zeros"] = "trunc_normal"
+    keep_head: bool = False  # keep the pretrained head when its classes match the data's
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm create_model arguments
+
+    @field_validator("img_size")
+    @classmethod
+    def _positive_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        sizes = (value,) if isinstance(value, int) else value
+        if any(s <= 0 for s in sizes):
+            raise ValueError("image sizes must be positive")
+        return value
+
+
+class DataConfig(Section):
+    """Where images come from and how they are decoded and batched."""
+
+    root: str | None = None  # image folder: <root>/<class>/* or <root>/{train,val,test}/<class>/*
+    csv: str | None = None  # manifest with columns path,label[,split]; paths relative to the CSV
+    builtin: Literal["digits"] | None = None  # scikit-learn's digits, exported to an image folder
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = None
+    num_workers: int = Field(2, ge=0)
+    multi_label: bool = False  # CSV labels separated by ';'
+    intensity: Literal["dtype", "minmax"] = (
+        "dtype"  # divide by the dtype's max, or per-image min-max
+    )
+    mean: tuple[float, ...] | None = None  # None: the backbone's pretrained config
+    std: tuple[float, ...] | None = None
+    on_corrupt: Literal["skip", "error"] = "skip"
+    labelled: bool = True  # false: a folder of images without class sub-folders (MAE)
+
+
+class TransformSpec(Section):
+    """One albumentations transform by class name, with its keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation; evaluation always resizes and normalises only."""
+
+    preset: Literal["none", "light", "strong", "medical"] = "light"
+    transforms: list[TransformSpec] | None = None  # replaces the preset when given
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class LossConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+
+
+class OptimConfig(Section):
+    name: str = "adamw"  # any timm optimizer name (timm.optim.list_optimizers())
+    lr: float = Field(1e-3, gt=0.0)
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr x effective_batch / 256
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] | None = None
+    momentum: float = Field(0.9, ge=0.0)
+    layer_decay: float | None = None  # layer-wise lr decay in (0, 1]
+
+    @field_validator("layer_decay")
+    @classmethod
+    def _decay_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError("layer_decay must be in (0, 1]; use null to turn it off")
+        return value
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_epochs when set
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainerConfig(Section):
+    """Passed to lightning.Trainer; devices, nodes and strategy drive DDP."""
+
+    max_epochs: int = Field(10, ge=1)
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: str | None = None  # None: bf16-mixed on a GPU that supports it, else 32-true
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip_val: float | None = None
+    seed: int = 42
+    deterministic: bool = False
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+    check_val_every_n_epoch: int = Field(1, ge=1)
+    log_every_n_steps: int = Field(10, ge=1)
+    early_stopping_patience: int | None = None
+    resume_from: str | None = None  # a Lightning checkpoint to continue from
+
+
+class CheckpointConfig(Section):
+    monitor: str | None = None  # None: the task's main metric (val/acc1, val/loss for MAE)
+    mode: Literal["max", "min"] | None = None
+    save_top_k: int = 1
+
+
+class LoggingConfig(Section):
+    run_dir: str = "runs"
+    name: str | None = None  # None: <recipe file stem>-<timestamp>
+    wandb: bool = True
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    project: str = "vittune"
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class FreezeConfig(Section):
+    """Which parameters train; frozen ones get no optimiser state."""
+
+    linear_probe: bool = False  # only the head trains
+    frozen_blocks: int = Field(0, ge=0)  # patch embedding and the first k blocks frozen
+    unfreeze_schedule: dict[int, int] = Field(default_factory=dict)  # epoch -> blocks still frozen
+
+
+class MaeConfig(Section):
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    decoder_depth: int = Field(8, ge=1)
+    decoder_dim: int = Field(512, ge=8)
+    decoder_heads: int = Field(16, ge=1)
+    norm_pix_loss: bool = True
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    vis_every_n_epochs: int = Field(1, ge=1)
+    vis_num_images: int = Field(8, ge=1)
+
+
+class TeacherConfig(Section):
+    name: str
+    pretrained: bool | str = True  # hub weights, a local file, or a vittune run folder
+    pretrained_sha256: str | None = None
+    img_size: int | tuple[int, int] | None = None  # None: the teacher's own default
+    in_chans: int | None = None  # None: the student's
+    mean: tuple[float, ...] | None = None  # None: the teacher's pretrained config
+    std: tuple[float, ...] | None = None
+    classes: list[str] | None = None  # None: read from a vittune run's config.json
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillConfig(Section):
+    teacher: TeacherConfig
+    type: Literal["hard", "soft", "none"] = "hard"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    tau: float = Field(1.0, gt=0.0)
+
+
+class Recipe(Section):
+    task: Command | None = None  # optional: checked against the command that runs it
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    mae: MaeConfig | None = None
+    distill: DistillConfig | None = None

@@ -1,0 +1,281 @@
+"""From a validated recipe to a finished run: build (task, datamodule, trainer), fit, export.
+
+Data flows one way: recipe -> data, models, optim -> task -> Trainer. Nothing here knows
+about the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import timm.data
+import torch
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
+from torch import nn
+
+from vittune.data.datamodule import ImageDataModule, scan_sources
+from vittune.errors import RecipeError
+from vittune.export import export_config, write_export
+from vittune.models.backbone import LoadReport, create_backbone
+from vittune.models.weights import read_state_dict
+from vittune.recipe.load import dump_recipe
+from vittune.recipe.schema import Command, Recipe
+from vittune.tasks.base import VitTask
+from vittune.tasks.classification import ClassificationTask, balanced_class_weights
+from vittune.tracking import build_loggers
+
+RUN_DIR_ENV = "VITTUNE_RUN_DIR"  # shared with DDP worker processes, which re-run the CLI
+
+
+@dataclass
+class Assembly:
+    """Everything a run needs besides the Trainer."""
+
+    task: VitTask
+    datamodule: ImageDataModule
+    report: LoadReport
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    export_name: str = "model.safetensors"
+    export_module: Callable[[VitTask], nn.Module] = lambda task: task.model
+    callbacks: list[Callback] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    monitor: str
+    best_score: float | None
+    export_path: Path | None
+    messages: list[str] = field(default_factory=list)
+
+
+def fit_channels(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
+    """Per-channel statistics for `in_chans` channels (grey models average RGB statistics)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1:
+        return values * in_chans
+    if in_chans == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(in_chans))
+
+
+def normalisation(model: nn.Module, recipe: Recipe) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The recipe's mean/std, else the backbone's pretrained config (timm's resolver)."""
+    resolved = timm.data.resolve_model_data_config(model)
+    mean = recipe.data.mean or resolved["mean"]
+    std = recipe.data.std or resolved["std"]
+    return fit_channels(mean, recipe.model.in_chans), fit_channels(std, recipe.model.in_chans)
+
+
+def class_weights(recipe: Recipe, datamodule: ImageDataModule) -> torch.Tensor | None:
+    setting = recipe.loss.class_weights
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        return balanced_class_weights(datamodule.class_counts())
+    if len(setting) != len(datamodule.classes):
+        raise RecipeError(
+            f"loss.class_weights has {len(setting)} values but the data has {len(datamodule.classes)} classes {datamodule.classes}"
+        )
+    return torch.tensor(setting, dtype=torch.float)
+
+
+def build_finetune(recipe: Recipe, run_dir: Path) -> Assembly:
+    found = scan_sources(recipe.data)
+    if len(found.classes) < 2:
+        raise RecipeError(
+            f"fine-tuning needs at least 2 classes, found {found.classes}; check data.root / data.csv"
+        )
+    if recipe.augment.mixup_alpha + recipe.augment.cutmix_alpha > 0 and recipe.data.batch_size % 2:
+        raise RecipeError(
+            f"mixup/cutmix need an even data.batch_size, got {recipe.data.batch_size}"
+        )
+    model, report = create_backbone(recipe.model, num_classes=len(found.classes))
+    mean, std = normalisation(model, recipe)
+    datamodule = ImageDataModule(
+        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
+    )
+    task = ClassificationTask(
+        recipe, model, found.classes, class_weights(recipe, datamodule), run_dir
+    )
+    return Assembly(task, datamodule, report, found.classes, mean, std)
+
+
+def build_pretrain_mae(recipe: Recipe, run_dir: Path) -> Assembly:
+    from vittune.tasks.mae import MaeTask  # noqa: PLC0415 (only MAE runs pay for its import)
+
+    found = scan_sources(recipe.data)
+    encoder, report = create_backbone(recipe.model, num_classes=0)
+    mean, std = normalisation(encoder, recipe)
+    datamodule = ImageDataModule(
+        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
+    )
+    task = MaeTask(recipe, encoder, run_dir=run_dir, mean=mean, std=std)
+    return Assembly(
+        task, datamodule, report, found.classes, mean, std, export_name="encoder.safetensors"
+    )
+
+
+def build_distill(recipe: Recipe, run_dir: Path) -> Assembly:
+    from vittune.models.teacher import build_teacher  # noqa: PLC0415
+    from vittune.tasks.distillation import DistillationTask  # noqa: PLC0415
+
+    found = scan_sources(recipe.data)
+    student, report = create_backbone(recipe.model, num_classes=len(found.classes))
+    mean, std = normalisation(student, recipe)
+    teacher = build_teacher(recipe.distill.teacher, found.classes, recipe.model.in_chans, mean, std)
+    datamodule = ImageDataModule(
+        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
+    )
+    task = DistillationTask(recipe, student, teacher, found.classes, run_dir)
+    return Assembly(task, datamodule, report, found.classes, mean, std)
+
+
+BUILDERS: dict[str, Callable[[Recipe, Path], Assembly]] = {
+    "finetune": build_finetune,
+    "pretrain-mae": build_pretrain_mae,
+    "distill": build_distill,
+}
+
+
+def default_precision(accelerator: str) -> str:
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def build_trainer(
+    recipe: Recipe, run_dir: Path, monitor: tuple[str, str], extra: list[Callback]
+) -> tuple[L.Trainer, ModelCheckpoint, str | None]:
+    t = recipe.trainer
+    name = run_dir.name
+    loggers, wandb_message = build_loggers(recipe.logging, run_dir, name)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor[0],
+        mode=monitor[1],
+        save_top_k=recipe.checkpoint.save_top_k,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra]
+    if t.early_stopping_patience:
+        callbacks.append(
+            EarlyStopping(monitor=monitor[0], mode=monitor[1], patience=t.early_stopping_patience)
+        )
+    optional = {
+        "limit_train_batches": t.limit_train_batches,
+        "limit_val_batches": t.limit_val_batches,
+    }
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision or default_precision(t.accelerator),
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        deterministic=t.deterministic,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        log_every_n_steps=t.log_every_n_steps,
+        default_root_dir=str(run_dir),
+        logger=loggers,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    return trainer, checkpoint, wandb_message
+
+
+def prepare_run_dir(recipe: Recipe, recipe_path: str | Path) -> tuple[Path, bool]:
+    """(folder, created): a fresh `runs/<name>` (never overwriting one), shared with DDP workers."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV]), False
+    name = recipe.logging.name or f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path(recipe.logging.run_dir)
+    candidate, suffix = base / name, 1
+    while candidate.exists():
+        suffix += 1
+        candidate = base / f"{name}-{suffix}"
+    candidate.mkdir(parents=True)
+    os.environ[RUN_DIR_ENV] = str(candidate)
+    return candidate, True
+
+
+def monitor_of(recipe: Recipe, task: VitTask) -> tuple[str, str]:
+    metric = recipe.checkpoint.monitor or task.default_monitor[0]
+    mode = recipe.checkpoint.mode or (
+        task.default_monitor[1]
+        if metric == task.default_monitor[0]
+        else ("min" if "loss" in metric else "max")
+    )
+    return metric, mode
+
+
+def export_best(
+    assembly: Assembly, recipe: Recipe, command: Command, checkpoint: ModelCheckpoint, run_dir: Path
+) -> Path:
+    """Write the best (else last) weights of the exported module in timm key names."""
+    module = assembly.export_module(assembly.task)
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    state = read_state_dict(Path(best)) if best else module.state_dict()
+    own = set(module.state_dict())
+    state = {k: v for k, v in state.items() if k in own}
+    config = export_config(
+        recipe.model.name,
+        module,
+        assembly.classes,
+        recipe.model.img_size,
+        recipe.model.in_chans,
+        assembly.mean,
+        assembly.std,
+        dict(recipe.model.kwargs),
+        command,
+    )
+    return write_export(state, config, run_dir, assembly.export_name)
+
+
+def fit(
+    recipe: Recipe, command: Command, recipe_path: str | Path, log: Callable[[str], None] = print
+) -> RunResult:
+    """Train as the recipe says, keep best/last checkpoints, and export the best weights."""
+    run_dir, created = prepare_run_dir(recipe, recipe_path)
+    if created:
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    assembly = BUILDERS[command](recipe, run_dir)
+    monitor = monitor_of(recipe, assembly.task)
+    trainer, checkpoint, wandb_message = build_trainer(recipe, run_dir, monitor, assembly.callbacks)
+    if trainer.is_global_zero:
+        log(f"vittune {command}: run folder {run_dir}")
+        log(
+            f"  weights: {assembly.report.source}"
+            + "".join(f"\n  {n}" for n in assembly.report.notes)
+        )
+        sizes = {s: len(v) for s, v in assembly.datamodule.found.splits.items()}
+        log(f"  data: {len(assembly.classes)} classes, images per split {sizes}")
+        if wandb_message:
+            log(f"  {wandb_message}")
+    trainer.fit(assembly.task, datamodule=assembly.datamodule, ckpt_path=recipe.trainer.resume_from)
+    result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
+    score = checkpoint.best_model_score
+    result.best_score = float(score) if score is not None else None
+    if trainer.is_global_zero:
+        result.export_path = export_best(assembly, recipe, command, checkpoint, run_dir)
+    return result

@@ -1,0 +1,61 @@
+"""The template every vittune LightningModule follows (after torchgeo's trainers):
+`__init__` stores the recipe, subclasses wire models, losses and metrics; optimisation
+and the schedule are shared here so that every task gets layer decay and warmup alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from vittune.optim.param_groups import build_optimizer, build_param_groups
+from vittune.optim.schedules import lr_multiplier
+from vittune.recipe.schema import Recipe
+
+
+def effective_lr(recipe: Recipe, world_size: int) -> float:
+    """`optim.lr`, scaled by effective batch / 256 when `optim.lr_scaling: linear` (MAE, DeiT)."""
+    if recipe.optim.lr_scaling == "none":
+        return recipe.optim.lr
+    batch = recipe.data.batch_size * recipe.trainer.accumulate_grad_batches * world_size
+    return recipe.optim.lr * batch / 256
+
+
+class VitTask(L.LightningModule):
+    """Shared optimiser/schedule wiring; subclasses define the model and the steps."""
+
+    #: metric the checkpoint callback watches unless the recipe names one
+    default_monitor: tuple[str, str] = ("val/loss", "min")
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
+
+    def optimised_module(self) -> nn.Module:
+        """The module whose parameters are grouped (the backbone; MAE adds its decoder)."""
+        return self.model
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        recipe = self.recipe
+        lr = effective_lr(recipe, self.trainer.world_size if self._trainer else 1)
+        groups = build_param_groups(self.optimised_module(), recipe.optim, lr)
+        optimizer = build_optimizer(groups, recipe.optim, lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = recipe.schedule
+        if schedule.warmup_steps is not None:
+            warmup = schedule.warmup_steps
+        else:
+            warmup = round(schedule.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
+        scheduler = LambdaLR(
+            optimizer, lr_multiplier(schedule.name, total, warmup, schedule.min_lr_ratio)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+        }
