@@ -36,6 +36,12 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
                 "too few images to hold out a validation split; add images or provide a val split"
             )
         found.splits["train"], found.splits["val"] = train, val
+    if cfg.train_fraction < 1.0:
+        # Same stratified splitter: the "val" part of a (1 - fraction) split is the subset we keep.
+        _, kept = stratified_split(found.splits["train"], cfg.train_fraction, cfg.split_seed + 1)
+        if not kept:
+            raise DataError(f"data.train_fraction {cfg.train_fraction} keeps no training image; raise it")
+        found.splits["train"] = kept
     return found
 
 

@@ -1,0 +1,91 @@
+"""Shared test helpers: generated images, tiny models, and the real `vittune` console script."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A tiny ViT (img 32, patch 8 -> 4x4 tokens, 64 wide, 2 blocks) for fast CPU tests.
+TINY_VIT = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, kwargs=dict(embed_dim=64, depth=2, num_heads=2))
+TINY_OVERRIDES = [
+    "model.name=vit_tiny_patch16_224",
+    "model.pretrained=false",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.kwargs={embed_dim: 64, depth: 2, num_heads: 2}",
+    "data.num_workers=0",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.precision=32-true",
+    "logging.wandb=false",
+]
+
+VITTUNE = shutil.which("vittune", path=str(Path(sys.executable).parent)) or "vittune"
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `vittune` console script in a subprocess, as a user would."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("VITTUNE_RUN_DIR", None)
+    return subprocess.run(
+        [VITTUNE, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def write_image(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if pixels.ndim == 3 and pixels.shape[2] >= 3:
+        order = [2, 1, 0, 3] if pixels.shape[2] == 4 else [2, 1, 0]
+        pixels = pixels[:, :, order]  # OpenCV writes BGR(A)
+    assert cv2.imwrite(str(path), pixels), path
+    return path
+
+
+def make_class_images(
+    root: Path,
+    counts: dict[str, int],
+    size: int = 32,
+    dtype: type = np.uint8,
+    channels: int = 1,
+    suffix: str = ".png",
+    seed: int = 0,
+) -> Path:
+    """A learnable image folder: class i is a bright bar at a class-specific position, plus noise."""
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(dtype).max
+    for index, (name, count) in enumerate(counts.items()):
+        for k in range(count):
+            image = rng.uniform(0, 0.3, size=(size, size)).astype(np.float64)
+            row = (index * size) // max(1, len(counts))
+            image[row : row + max(2, size // (2 * len(counts))), :] = 0.9
+            pixels = np.round(image * top).astype(dtype)
+            if channels > 1:
+                pixels = np.repeat(pixels[:, :, None], channels, axis=2)
+            write_image(root / name / f"{k:04d}{suffix}", pixels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def vittune_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder for the bundled digits, shared by every test in the session."""
+    cache = tmp_path_factory.mktemp("vittune-cache")
+    os.environ["VITTUNE_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def digits_root(vittune_cache: Path) -> Path:
+    from vittune.data.builtin import export_digits
+
+    return export_digits()
