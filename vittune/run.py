@@ -23,10 +23,12 @@ from lightning.pytorch.callbacks import (
 )
 from torch import nn
 
+from vittune.callbacks import GradualUnfreeze
 from vittune.data.datamodule import ImageDataModule, scan_sources
 from vittune.errors import RecipeError
 from vittune.export import export_config, write_export
 from vittune.models.backbone import LoadReport, create_backbone
+from vittune.models.freezing import apply_freeze, frozen_blocks_at
 from vittune.models.weights import read_state_dict
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
@@ -94,6 +96,21 @@ def class_weights(recipe: Recipe, datamodule: ImageDataModule) -> torch.Tensor |
     return torch.tensor(setting, dtype=torch.float)
 
 
+def freeze_for_recipe(model: nn.Module, recipe: Recipe) -> list[Callback]:
+    """Freeze what the recipe says at epoch 0; a schedule adds the callback that unfreezes later."""
+    cfg = recipe.freeze
+    probe = cfg.linear_probe and 0 not in cfg.unfreeze_schedule
+    try:
+        apply_freeze(model, frozen_blocks_at(0, cfg.frozen_blocks, cfg.unfreeze_schedule), probe)
+    except ValueError as err:
+        raise RecipeError(
+            f"freeze: {err}; use freeze.linear_probe to train only the head"
+        ) from None
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RecipeError("freeze settings leave no parameter to train; lower freeze.frozen_blocks")
+    return [GradualUnfreeze(cfg, recipe.optim)] if cfg.unfreeze_schedule else []
+
+
 def build_finetune(recipe: Recipe, run_dir: Path) -> Assembly:
     found = scan_sources(recipe.data)
     if len(found.classes) < 2:
@@ -109,10 +126,11 @@ def build_finetune(recipe: Recipe, run_dir: Path) -> Assembly:
     datamodule = ImageDataModule(
         recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
     )
+    callbacks = freeze_for_recipe(model, recipe)
     task = ClassificationTask(
         recipe, model, found.classes, class_weights(recipe, datamodule), run_dir
     )
-    return Assembly(task, datamodule, report, found.classes, mean, std)
+    return Assembly(task, datamodule, report, found.classes, mean, std, callbacks=callbacks)
 
 
 def build_pretrain_mae(recipe: Recipe, run_dir: Path) -> Assembly:

@@ -40,7 +40,9 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
         # Same stratified splitter: the "val" part of a (1 - fraction) split is the subset we keep.
         _, kept = stratified_split(found.splits["train"], cfg.train_fraction, cfg.split_seed + 1)
         if not kept:
-            raise DataError(f"data.train_fraction {cfg.train_fraction} keeps no training image; raise it")
+            raise DataError(
+                f"data.train_fraction {cfg.train_fraction} keeps no training image; raise it"
+            )
         found.splits["train"] = kept
     return found
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,16 @@ def create_model(
         raise RecipeError(f"model.kwargs are not accepted by {name}: {err}") from None
 
 
+def hub_grid(name: str, pretrained_cfg: dict[str, Any]) -> tuple[int, int] | None:
+    """The token grid hub weights were trained at (their input size over the name's patch size)."""
+    match = re.search(r"patch(\d+)", name)
+    size = pretrained_cfg.get("input_size")
+    if not match or not size:
+        return None
+    patch = int(match.group(1))
+    return (size[1] // patch, size[2] // patch)
+
+
 def _check_divisible(model: nn.Module, img_size: tuple[int, int]) -> None:
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is None:
@@ -118,6 +129,10 @@ def load_weights(model: nn.Module, source_spec: str, cfg: ModelConfig, report: L
         h, w = source.config["img_size"]
         p = source.config["patch_size"]
         old_grid = (h // p, w // p)
+    if old_grid is None and "pos_embed" in state and surgery.grid_of(model) is not None:
+        n_patches = state["pos_embed"].shape[1] - surgery.prefix_tokens_in_pos_embed(model)
+        side = int(n_patches**0.5)
+        old_grid = (side, side) if side * side == n_patches else None
     report.grid_before = old_grid
     first_conv = model.pretrained_cfg.get("first_conv") or "patch_embed.proj"
     steps = (
@@ -170,6 +185,11 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Load
     if cfg.pretrained is True:
         model = _hub_model(cfg, num_classes, extra)
         report.source = f"timm hub ({model.pretrained_cfg.get('hf_hub_id') or cfg.name})"
+        report.grid_before = hub_grid(cfg.name, model.pretrained_cfg)
+        if cfg.in_chans != 3:
+            report.notes.append(
+                f"input channels adapted 3 -> {cfg.in_chans} by timm (patch embedding)"
+            )
     else:
         model = create_model(
             cfg.name, num_classes, cfg.img_size, cfg.patch_size, cfg.in_chans, **extra

@@ -1,0 +1,89 @@
+"""Lightning callbacks vittune adds to the Trainer."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from vittune.models.freezing import frozen_parameter_names
+from vittune.optim.param_groups import build_param_groups
+from vittune.recipe.schema import FreezeConfig, OptimConfig
+
+
+class GradualUnfreeze(Callback):
+    """Unfreeze blocks on a schedule of epochs, adding their parameters to the optimiser.
+
+    Written by hand because Lightning's `BaseFinetuning` adds groups that the lr scheduler
+    does not know (so warmup/cosine never reach them) and that DDP does not all-reduce.
+    Here each new group gets its layer-decay lr, joins the scheduler, and, under DDP,
+    its gradients are averaged across ranks before every optimiser step.
+    """
+
+    def __init__(self, freeze: FreezeConfig, optim: OptimConfig) -> None:
+        self.freeze = freeze
+        self.optim = optim
+        self.late_params: list[torch.nn.Parameter] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch not in self.freeze.unfreeze_schedule:
+            return
+        model = pl_module.optimised_module()
+        optimizer = trainer.optimizers[0]
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        still_frozen = frozen_parameter_names(
+            model, self.freeze.unfreeze_schedule[epoch], linear_probe=False
+        )
+        new = [
+            p
+            for n, p in model.named_parameters()
+            if n not in still_frozen and id(p) not in in_optimizer
+        ]
+        for p in new:
+            p.requires_grad_(True)
+        if not new:
+            return
+        scheduler = (
+            trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        )
+        base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        base_lr /= optimizer.param_groups[0].get("layer_scale", 1.0)
+        new_ids = {id(p) for p in new}
+        existing = {g.get("name"): g for g in optimizer.param_groups}
+        for group in build_param_groups(model, self.optim, base_lr):
+            params = [p for p in group["params"] if id(p) in new_ids]
+            if not params:
+                continue
+            if group["name"] in existing:  # same lr and decay: join it (state is created lazily)
+                existing[group["name"]]["params"].extend(params)
+                continue
+            group = {k: v for k, v in group.items() if k not in ("param_names", "layer_id")}
+            group["params"] = params
+            group["initial_lr"] = group["lr"]
+            if scheduler is not None:
+                factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+                group["lr"] = group["initial_lr"] * factor
+                scheduler.base_lrs.append(group["initial_lr"])
+                scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+                scheduler._last_lr.append(group["lr"])
+            optimizer.add_param_group(group)
+        self.late_params.extend(new)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer
+    ) -> None:
+        # DDP registered its buckets when the model was wrapped, before these were unfrozen.
+        if trainer.world_size < 2 or not self.late_params or not dist.is_initialized():
+            return
+        grads = [p.grad for p in self.late_params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= trainer.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
