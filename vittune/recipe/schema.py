@@ -48,7 +48,8 @@ class DataConfig(Section):
     csv: str | None = None  # manifest with columns path,label[,split]; paths relative to the CSV
     builtin: Literal["digits"] | None = None  # scikit-learn's digits, exported to an image folder
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    train_fraction: float = Field(1.0, gt=0.0, le=1.0)  # keep a stratified subset of train (few labels)
+    # keep a stratified subset of the training images (few-label experiments)
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     split_seed: int = 0
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = None
