@@ -253,3 +253,43 @@ def test_transfer_settings_errors_are_one_line(workspace, override, message):
     result = run_cli("finetune", "base.yaml", *TINY_OVERRIDES, override, cwd=workspace)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_multi_label_head_trains_with_multilabel_metrics(workspace):
+    images = sorted((workspace / "images").rglob("*.png"))
+    rows = ["path,label"]
+    for path in images:  # every image has its class; classes a and b also share the tag "ab"
+        tags = [path.parent.name] + (["ab"] if path.parent.name in "ab" else [])
+        rows.append(f"{path},{';'.join(tags)}")
+    (workspace / "multi.csv").write_text("\n".join(rows) + "\n")
+    result = run_cli(
+        "finetune",
+        "base.yaml",
+        *TINY_OVERRIDES,
+        "data.root=null",
+        "data.csv=multi.csv",
+        "data.multi_label=true",
+        "logging.name=multi",
+        "trainer.max_epochs=1",
+        cwd=workspace,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    header = (workspace / "runs" / "multi" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert {"val/acc1", "val/f1", "val/auroc"} <= set(header.split(","))
+    config = (workspace / "runs" / "multi" / "config.json").read_text()
+    assert '"ab"' in config
+
+    mixed = run_cli(
+        "finetune",
+        "base.yaml",
+        *TINY_OVERRIDES,
+        "data.root=null",
+        "data.csv=multi.csv",
+        "data.multi_label=true",
+        "augment.mixup_alpha=0.8",
+        cwd=workspace,
+    )
+    assert (
+        mixed.returncode == 2
+        and "mixup/cutmix are not supported with data.multi_label" in mixed.stderr
+    )

@@ -159,8 +159,9 @@ def build_distill(recipe: Recipe, run_dir: Path) -> Assembly:
     datamodule = ImageDataModule(
         recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
     )
+    callbacks = freeze_for_recipe(student, recipe)
     task = DistillationTask(recipe, student, teacher, found.classes, run_dir)
-    return Assembly(task, datamodule, report, found.classes, mean, std)
+    return Assembly(task, datamodule, report, found.classes, mean, std, callbacks=callbacks)
 
 
 BUILDERS: dict[str, Callable[[Recipe, Path], Assembly]] = {
