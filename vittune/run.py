@@ -274,6 +274,11 @@ def fit(
     recipe: Recipe, command: Command, recipe_path: str | Path, log: Callable[[str], None] = print
 ) -> RunResult:
     """Train as the recipe says, keep best/last checkpoints, and export the best weights."""
+    resume = recipe.trainer.resume_from
+    if resume is not None and not Path(resume).is_file():
+        raise RecipeError(
+            f"trainer.resume_from {resume} is not a checkpoint file; point it at runs/<name>/checkpoints/last.ckpt"
+        )
     run_dir, created = prepare_run_dir(recipe, recipe_path)
     if created:
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -291,7 +296,12 @@ def fit(
         log(f"  data: {len(assembly.classes)} classes, images per split {sizes}")
         if wandb_message:
             log(f"  {wandb_message}")
-    trainer.fit(assembly.task, datamodule=assembly.datamodule, ckpt_path=recipe.trainer.resume_from)
+    trainer.fit(
+        assembly.task,
+        datamodule=assembly.datamodule,
+        ckpt_path=recipe.trainer.resume_from,
+        weights_only=True,  # checkpoints hold tensors and plain data only
+    )
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
     score = checkpoint.best_model_score
     result.best_score = float(score) if score is not None else None
