@@ -51,14 +51,21 @@ def inspect_recipe(recipe: Recipe, command: Command = "finetune") -> str:
         classes = ["class_0", "class_1"]
         data_note = f"data not readable ({err}); head shown with 2 classes"
     num_classes = 0 if command == "pretrain-mae" else len(classes)
+    if command == "pretrain-mae":
+        data_note = "none: MAE pretrains the encoder alone (labels are ignored)"
     model, report = create_backbone(recipe.model, num_classes)
-    if command != "pretrain-mae":
+    if command == "pretrain-mae":
+        from vittune.tasks.mae import MaeTask  # noqa: PLC0415 (only MAE needs the decoder)
+
+        grouped = MaeTask(recipe, model).optimised_module()  # encoder + decoder + mask token
+    else:
         freeze_for_recipe(model, recipe)
+        grouped = model
     lr = effective_lr(recipe, world_size=1)
-    groups = build_param_groups(model, recipe.optim, lr)
-    trainable, total = count_parameters(model)
+    groups = build_param_groups(grouped, recipe.optim, lr)
+    trainable, total = count_parameters(grouped)
     in_optimizer = {id(p) for g in groups for p in g["params"]}
-    frozen = [(n, p) for n, p in model.named_parameters() if id(p) not in in_optimizer]
+    frozen = [(n, p) for n, p in grouped.named_parameters() if id(p) not in in_optimizer]
 
     out.append(f"backbone     {recipe.model.name} ({type(model).__name__})")
     out.append(f"input        {recipe.model.in_chans} x {recipe.model.img_size} px")

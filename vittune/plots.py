@@ -38,3 +38,39 @@ def save_confusion_matrix(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_mae_grid(columns: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
+    """One row per image, one column per named stage (original, masked, reconstruction...).
+
+    Every tensor is [B, C, H, W] with values in [0, 1]; one channel shows in grey, three
+    as RGB, any other count as the channel mean in grey.
+    """
+    names = list(columns)
+    rows = min(len(t) for t in columns.values())
+    fig, axes = plt.subplots(
+        rows,
+        len(names),
+        figsize=(1.8 * len(names), 1.8 * rows + 0.4),
+        squeeze=False,
+        layout="constrained",  # keeps the title clear of the column names
+    )
+    for col, name in enumerate(names):
+        images = columns[name].detach().float().cpu()
+        for row in range(rows):
+            image = images[row]  # [C, H, W]
+            ax = axes[row][col]
+            if image.shape[0] == 3:
+                ax.imshow(image.permute(1, 2, 0).numpy())
+            else:
+                ax.imshow(image.mean(dim=0).numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
