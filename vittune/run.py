@@ -173,7 +173,9 @@ BUILDERS: dict[str, Callable[[Recipe, Path], Assembly]] = {
 
 def default_precision(accelerator: str) -> str:
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    # Native bf16 only (Ampere and newer): emulated bf16 on V100/T4 is slower than fp32.
+    native_bf16 = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16-mixed" if native_bf16 else "32-true"
 
 
 def build_trainer(
@@ -222,12 +224,23 @@ def build_trainer(
     return trainer, checkpoint, wandb_message
 
 
+def launched_rank() -> int:
+    """This process's global rank when an external launcher (torchrun, SLURM, MPI) started it."""
+    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "NODE_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
 def prepare_run_dir(recipe: Recipe, recipe_path: str | Path) -> tuple[Path, bool]:
     """(folder, created): a fresh `runs/<name>` (never overwriting one), shared with DDP workers."""
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV]), False
     name = recipe.logging.name or f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     base = Path(recipe.logging.run_dir)
+    if launched_rank() > 0:  # torchrun / SLURM / other nodes: only rank 0 creates the folder
+        return base / name, False
     candidate, suffix = base / name, 1
     while candidate.exists():
         suffix += 1
