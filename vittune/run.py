@@ -7,6 +7,7 @@ about the command line.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from torch import nn
 
 from vittune.callbacks import GradualUnfreeze
 from vittune.data.datamodule import ImageDataModule, scan_sources
-from vittune.errors import RecipeError
+from vittune.errors import RecipeError, VittuneError
 from vittune.export import export_config, write_export
 from vittune.models.backbone import LoadReport, create_backbone
 from vittune.models.freezing import apply_freeze, frozen_blocks_at
@@ -293,10 +294,25 @@ def fit(
             f"trainer.resume_from {resume} is not a checkpoint file; point it at runs/<name>/checkpoints/last.ckpt"
         )
     run_dir, created = prepare_run_dir(recipe, recipe_path)
+    try:
+        return _fit_into(run_dir, created, recipe, command, log)
+    finally:
+        if created:  # a later fit() in this process (a notebook) gets its own folder
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _fit_into(
+    run_dir: Path, created: bool, recipe: Recipe, command: Command, log: Callable[[str], None]
+) -> RunResult:
     if created:
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
-    assembly = BUILDERS[command](recipe, run_dir)
+    try:
+        assembly = BUILDERS[command](recipe, run_dir)
+    except VittuneError:
+        if created:  # nothing was trained: leave no half-made folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     monitor = monitor_of(recipe, assembly.task)
     trainer, checkpoint, wandb_message = build_trainer(recipe, run_dir, monitor, assembly.callbacks)
     if trainer.is_global_zero:
