@@ -1,8 +1,10 @@
 """Exported weights: `model.safetensors` in timm key names plus a `config.json`.
 
-`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...),
-num_classes=N)` loads the export directly; vittune reads `config.json` to know the
-classes and the token grid the weights were trained at.
+`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...,
+num_classes=N), num_classes=N, **geometry)` loads the export directly. `num_classes` must
+be in the overlay too: timm discards a checkpoint's head whenever the model's class count
+differs from the pretrained config's (1000 for ImageNet tags). vittune reads `config.json`
+to know the classes and the token grid the weights were trained at.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
     if cfg.train_fraction < 1.0:
         # Same stratified splitter: the "val" part of a (1 - fraction) split is the subset we keep.
         _, kept = stratified_split(found.splits["train"], cfg.train_fraction, cfg.split_seed + 1)
+        # The splitter never holds out a class's only image, so such a class would vanish from
+        # training altogether: keep that one image.
+        kept_classes = {s.labels[0] for s in kept if s.labels}
+        kept += [s for s in found.splits["train"] if s.labels and s.labels[0] not in kept_classes]
         if not kept:
             raise DataError(
                 f"data.train_fraction {cfg.train_fraction} keeps no training image; raise it"

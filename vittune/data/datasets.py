@@ -101,7 +101,7 @@ def scan_csv(
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"data.csv {csv_path} does not exist; fix the path in the recipe")
-    with csv_path.open(newline="") as handle:
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         needed = {"path", "label"} if labelled else {"path"}

@@ -30,7 +30,12 @@ def scale_intensity(pixels: np.ndarray, mode: str = "dtype") -> np.ndarray:
         low, high = float(pixels.min()), float(pixels.max())
         return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
     if np.issubdtype(pixels.dtype, np.integer):
-        return pixels.astype(np.float32) / float(np.iinfo(pixels.dtype).max)
+        # Signed data (CT slices in Hounsfield units, int16) maps its whole range, so negative
+        # values land in [0, 1] too; 32-bit types are scaled in float64 to keep their levels.
+        info = np.iinfo(pixels.dtype)
+        wide = np.float64 if pixels.dtype.itemsize > 2 else np.float32
+        scaled = (pixels.astype(wide) - info.min) / (float(info.max) - float(info.min))
+        return scaled.astype(np.float32)
     pixels = pixels.astype(np.float32)
     high = float(pixels.max()) if pixels.size else 1.0
     return np.clip(pixels / high, 0.0, 1.0) if high > 1.0 else np.clip(pixels, 0.0, 1.0)

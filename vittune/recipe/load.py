@@ -1,12 +1,13 @@
 """Recipe loading: command defaults, then the YAML file (with `base:` inheritance),
 then dotted command-line overrides, merged in that order and validated by the schema.
 
-Recipes are data: files go through `yaml.safe_load` and nothing in them is imported.
+Recipes are data: files go through PyYAML's SafeLoader and nothing in them is imported.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,26 @@ from pydantic import BaseModel, ValidationError
 
 from vittune.errors import RecipeError
 from vittune.recipe.schema import Command, MaeConfig, Recipe
+
+
+class SafeRecipeLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader (no Python tags) that also reads `1e-3` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-3`); `1e-3` would reach
+    untyped fields such as `model.kwargs` or albumentations arguments as a string.
+    """
+
+
+SafeRecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=SafeRecipeLoader)  # a SafeLoader: Python tags are refused
+
 
 # Paper defaults that differ from fine-tuning (He et al. 2021, Table 8); the recipe
 # file and the command line override them.
@@ -53,7 +74,7 @@ def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         chain = " -> ".join(str(p) for p in (*_seen, resolved))
         raise RecipeError(f"recipe `base:` chain loops back on itself: {chain}; remove one `base:`")
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        content = safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -82,7 +103,7 @@ def parse_override(text: str) -> dict[str, Any]:
             f"override {text!r} is not of the form section.key=value (e.g. optim.lr=3e-4)"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     nested: dict[str, Any] = {}
@@ -110,11 +131,30 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "none"}
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """`model.img_size` rather than pydantic's `model.img_size.int`: union-member tags dropped."""
+    return ".".join(
+        str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))
+    )
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line naming the first problem, where it is, and how to fix it."""
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key also makes the right key "missing": report the misspelling first.
+    errors = [e for e in errors if e["type"] == "extra_forbidden"] or errors
+    # A union field fails once per member; the deepest failure is the most specific one
+    # (`class_weights=[1, x]` is about element 1, not about the `none`/`balanced` literal).
+    field = _dotted(tuple(errors[0]["loc"]))
+    first = max(
+        (e for e in errors if _dotted(tuple(e["loc"])).startswith(field)),
+        key=lambda e: len(e["loc"]),
+    )
     loc = tuple(first["loc"])
-    dotted = ".".join(str(p) for p in loc)
+    dotted = _dotted(loc)
     if first["type"] == "extra_forbidden":
         owner = _model_at(loc[:-1])
         known = sorted(owner.model_fields) if owner else []
@@ -150,7 +190,8 @@ def check_semantics(recipe: Recipe, command: Command) -> None:
         )
     if data.mean is not None and len(data.mean) not in (1, recipe.model.in_chans):
         raise RecipeError(
-            f"data.mean has {len(data.mean)} values but model.in_chans is {recipe.model.in_chans}"
+            f"data.mean has {len(data.mean)} values but model.in_chans is {recipe.model.in_chans};"
+            " give one value per channel (or one for all)"
         )
     if data.multi_label and (recipe.augment.mixup_alpha > 0 or recipe.augment.cutmix_alpha > 0):
         raise RecipeError(

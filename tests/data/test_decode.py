@@ -1,0 +1,143 @@
+"""Decoding PNG/JPEG/TIFF, 8/16-bit, grey/RGB/RGBA/palette, checked against other decoders.
+
+References are PIL (for what PIL reads and writes faithfully) and a hand-written PNG encoder
+(16-bit colour, which PIL cannot write), so OpenCV is never compared with itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import write_png
+from PIL import Image
+
+from vittune.data.decode import read_image, scale_intensity
+from vittune.errors import DataError
+
+RNG = np.random.default_rng(0)
+
+
+def pil_rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp"])
+def test_8bit_rgb_matches_pil(tmp_path: Path, suffix: str) -> None:
+    pixels = RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    path = tmp_path / f"rgb{suffix}"
+    Image.fromarray(pixels, mode="RGB").save(path)
+    decoded = read_image(path, in_chans=3)
+    assert decoded.shape == (12, 10, 3) and decoded.dtype == np.float32
+    np.testing.assert_allclose(decoded, pixels / 255.0, atol=1e-6)  # RGB order, not BGR
+
+
+def test_jpeg_grey_and_rgb_match_pil(tmp_path: Path) -> None:
+    smooth = np.linspace(0, 255, 16 * 16).reshape(16, 16).astype(np.uint8)
+    colour = np.stack([smooth, smooth.T, 255 - smooth], axis=2)
+    Image.fromarray(colour, mode="RGB").save(tmp_path / "c.jpg", quality=95)
+    Image.fromarray(smooth, mode="L").save(tmp_path / "g.jpeg", quality=95)
+    # Two JPEG decoders may round the inverse DCT differently: allow a couple of levels.
+    np.testing.assert_allclose(
+        read_image(tmp_path / "c.jpg"), pil_rgb(tmp_path / "c.jpg"), atol=3 / 255
+    )
+    grey = read_image(tmp_path / "g.jpeg", in_chans=1)
+    assert grey.shape == (16, 16, 1)
+    reference = np.asarray(Image.open(tmp_path / "g.jpeg"), dtype=np.float32) / 255.0
+    np.testing.assert_allclose(grey[:, :, 0], reference, atol=3 / 255)
+
+
+def test_palette_png_decodes_to_its_colours(tmp_path: Path) -> None:
+    index = RNG.integers(0, 4, (9, 7), dtype=np.uint8)
+    image = Image.fromarray(index, mode="P")
+    image.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30])
+    image.save(tmp_path / "p.png")
+    image.save(tmp_path / "pt.png", transparency=0)  # palette with alpha decodes as RGBA
+    for name in ("p.png", "pt.png"):
+        decoded = read_image(tmp_path / name, in_chans=3)
+        assert decoded.shape == (9, 7, 3)
+        np.testing.assert_allclose(decoded, pil_rgb(tmp_path / name), atol=1e-6)
+
+
+def test_rgba_drops_alpha_and_grey_alpha_keeps_grey(tmp_path: Path) -> None:
+    rgba = RNG.integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    np.testing.assert_allclose(read_image(tmp_path / "a.png"), rgba[:, :, :3] / 255.0, atol=1e-6)
+    grey_alpha = np.stack([rgba[:, :, 0], rgba[:, :, 3]], axis=2)
+    Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_allclose(
+        read_image(tmp_path / "la.png", in_chans=1)[:, :, 0], rgba[:, :, 0] / 255.0, atol=1e-5
+    )
+
+
+def test_16bit_grey_png_and_tiff_keep_every_level(tmp_path: Path) -> None:
+    pixels = RNG.integers(0, 65536, (10, 11), dtype=np.uint16)
+    pixels[0, :3] = [1000, 1001, 65535]  # neighbouring levels stay distinct; the top maps to 1.0
+    for name in ("g.png", "g.tif"):
+        Image.fromarray(pixels).save(tmp_path / name)  # PIL writes 16-bit grey as "I;16"
+        decoded = read_image(tmp_path / name, in_chans=1)
+        assert decoded.shape == (10, 11, 1) and decoded.dtype == np.float32
+        np.testing.assert_array_equal(np.round(decoded[:, :, 0] * 65535), pixels)
+        assert decoded[0, 0, 0] < decoded[0, 1, 0] < decoded[0, 2, 0] == 1.0
+
+
+def test_16bit_rgb_and_rgba_png_are_not_reduced_to_8_bits(tmp_path: Path) -> None:
+    for channels in (3, 4):
+        pixels = RNG.integers(0, 65536, (7, 9, channels), dtype=np.uint16)
+        pixels[0, 0, :3] = [258, 257, 256]  # one 8-bit level apart from each other: 1 / 257
+        decoded = read_image(write_png(tmp_path / f"c{channels}.png", pixels), in_chans=3)
+        np.testing.assert_array_equal(np.round(decoded * 65535), pixels[:, :, :3])
+
+
+def test_dim_12bit_data_in_16bit_files_keeps_its_levels(tmp_path: Path) -> None:
+    pixels = RNG.integers(0, 4096, (8, 8), dtype=np.uint16)
+    pixels[0, 0], pixels[0, 1] = 0, 4095
+    path = write_png(tmp_path / "ct.png", pixels)
+    by_dtype = read_image(path, in_chans=1, intensity="dtype")[:, :, 0]
+    np.testing.assert_allclose(by_dtype, pixels / 65535.0, rtol=1e-6)  # dim, but not saturated
+    stretched = read_image(path, in_chans=1, intensity="minmax")[:, :, 0]
+    np.testing.assert_allclose(stretched, pixels / 4095.0, rtol=1e-5, atol=1e-7)
+    assert len(np.unique(stretched)) == len(np.unique(pixels))
+
+
+def test_signed_16bit_ct_values_stay_in_range_and_in_order(tmp_path: Path) -> None:
+    # Hounsfield units are negative for air and fat; scaling must not push them below 0.
+    hounsfield = np.array([[-32768, -1000, -1], [0, 1000, 32767]], dtype=np.int16)
+    path = tmp_path / "ct.tif"
+    assert cv2.imwrite(str(path), hounsfield)  # PIL cannot write int16 TIFF; OpenCV can
+    decoded = read_image(path, in_chans=1)[:, :, 0].ravel()
+    np.testing.assert_allclose(decoded, (hounsfield.ravel() + 32768.0) / 65535.0, atol=1e-7)
+    assert decoded[0] == 0.0 and decoded[-1] == 1.0 and np.all(np.diff(decoded) > 0)
+    stretched = read_image(path, in_chans=1, intensity="minmax")[:, :, 0].ravel()
+    assert stretched.min() == 0.0 and stretched.max() == 1.0
+
+
+def test_in_chans_1_keeps_grey_single_channel_and_converts_rgb_to_luma(tmp_path: Path) -> None:
+    grey = RNG.integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(grey, mode="L").save(tmp_path / "g.png")
+    assert read_image(tmp_path / "g.png", in_chans=1).shape == (8, 8, 1)
+    three = read_image(tmp_path / "g.png", in_chans=3)
+    assert three.shape == (8, 8, 3) and np.all(three == three[:, :, :1])
+    colour = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(colour, mode="RGB").save(tmp_path / "c.png")
+    luma = read_image(tmp_path / "c.png", in_chans=1)[:, :, 0]
+    reference = np.asarray(Image.open(tmp_path / "c.png").convert("L"), dtype=np.float32) / 255
+    np.testing.assert_allclose(luma, reference, atol=1 / 255)  # PIL rounds to integer levels
+
+
+def test_channel_mismatch_and_corrupt_files_are_data_errors(tmp_path: Path) -> None:
+    Image.fromarray(RNG.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    with pytest.raises(DataError, match="set model.in_chans to 3"):
+        read_image(tmp_path / "c.png", in_chans=2)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DataError, match="corrupt or not an image"):
+        read_image(broken)
+
+
+def test_float_and_constant_images_scale_safely() -> None:
+    assert scale_intensity(np.full((2, 2), 7, np.uint16), "minmax").max() == 0.0  # no 0 / 0
+    floats = np.array([[0.0, 0.5], [2.0, 4.0]], dtype=np.float32)
+    np.testing.assert_allclose(scale_intensity(floats), floats / 4.0)

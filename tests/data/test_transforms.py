@@ -1,0 +1,82 @@
+"""Augmentation presets and explicit albumentations lists on float images of 1 or 3 channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vittune.data.transforms import build_eval_transform, build_train_transform
+from vittune.errors import RecipeError
+from vittune.recipe.schema import AugmentConfig
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("preset", ["none", "light", "strong", "medical"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_presets_give_model_sized_float_tensors(preset: str, channels: int) -> None:
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    transform = build_train_transform(AugmentConfig(preset=preset), (16, 24), mean, std)
+    image = RNG.random((40, 30, channels)).astype(np.float32)
+    for _ in range(5):  # random ops differ per call; each call must give a valid sample
+        out = transform(image=image)["image"]
+        assert out.shape == (channels, 16, 24) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        # inputs in [0, 1] stay in [0, 1] before normalisation
+        assert (out * 0.25 + 0.5).min() >= -1e-5 and (out * 0.25 + 0.5).max() <= 1 + 1e-5
+
+
+def test_none_is_deterministic_and_light_augments() -> None:
+    image = RNG.random((32, 32, 1)).astype(np.float32)
+    plain = build_train_transform(AugmentConfig(preset="none"), 32, (0.0,), (1.0,))
+    torch.testing.assert_close(
+        plain(image=image)["image"], torch.from_numpy(image).permute(2, 0, 1)
+    )
+    light = build_train_transform(AugmentConfig(preset="light"), 32, (0.0,), (1.0,))
+    outputs = [light(image=image)["image"] for _ in range(4)]
+    assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_eval_transform_resizes_and_normalises_exactly() -> None:
+    image = RNG.random((8, 8, 3)).astype(np.float32)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = build_eval_transform(8, mean, std)(image=image)["image"]  # same size: no resampling
+    expected = (torch.from_numpy(image) - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(out, expected.permute(2, 0, 1), rtol=1e-5, atol=1e-5)
+    assert build_eval_transform((12, 20), mean, std)(image=image)["image"].shape == (3, 12, 20)
+
+
+def test_16bit_levels_survive_resize_and_normalisation() -> None:
+    # A 16-bit image decoded to [0, 1]: levels 1/65535 apart must stay apart after the pipeline.
+    levels = (30000 + np.arange(64, dtype=np.float32).reshape(8, 8)) / 65535.0
+    out = build_eval_transform(8, (0.0,), (1.0,))(image=levels[:, :, None])["image"][0]
+    np.testing.assert_allclose(out.numpy() * 65535.0, levels * 65535.0, atol=1e-2)
+    assert len(torch.unique(out)) == 64
+
+
+def test_explicit_transform_list_replaces_the_preset() -> None:
+    cfg = AugmentConfig.model_validate(
+        {"preset": "strong", "transforms": [{"name": "VerticalFlip", "p": 1.0}]}
+    )
+    transform = build_train_transform(cfg, 8, (0.0,), (1.0,))
+    image = RNG.random((8, 8, 1)).astype(np.float32)
+    torch.testing.assert_close(
+        transform(image=image)["image"][0], torch.from_numpy(image[::-1, :, 0].copy())
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"name": "VerticalFlp"}, "did you mean VerticalFlip?"),
+        ({"name": "Compose"}, "unknown albumentations transform"),  # not a transform
+        ({"name": "VerticalFlip", "probability": 1.0}, "VerticalFlip"),
+        ({"name": "GaussianBlur", "blur_limit": "big"}, "is invalid"),
+    ],
+)
+def test_bad_explicit_transforms_are_recipe_errors(spec: dict, expected: str) -> None:
+    cfg = AugmentConfig.model_validate({"transforms": [spec]})
+    with pytest.raises(RecipeError) as info:
+        build_train_transform(cfg, 8, (0.0,), (1.0,))
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,90 @@
+"""Warmup + cosine (and linear, constant) multipliers, stepped once per optimiser step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+from conftest import TINY_VIT, make_class_images
+from helpers import expected_lr
+
+from vittune.optim.schedules import lr_multiplier
+from vittune.recipe.schema import Recipe
+from vittune.run import build_finetune, build_trainer
+
+
+@pytest.mark.parametrize(
+    ("total", "warmup", "min_ratio"), [(100, 10, 0.0), (37, 0, 0.1), (9, 2, 0.1)]
+)
+def test_cosine_with_warmup_matches_the_formula(total: int, warmup: int, min_ratio: float) -> None:
+    factor = lr_multiplier("cosine", total, warmup, min_ratio)
+    for step in range(total + 1):
+        assert factor(step) == pytest.approx(expected_lr(step, total, warmup, 1.0, min_ratio))
+    assert factor(warmup) == pytest.approx(1.0)  # the peak follows the warmup
+    assert factor(total) == pytest.approx(min_ratio)
+
+
+def test_warmup_rises_linearly_and_never_starts_at_zero() -> None:
+    factor = lr_multiplier("cosine", 50, 4)
+    rises = [factor(s) for s in range(5)]
+    assert rises == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_linear_and_constant_schedules() -> None:
+    linear = lr_multiplier("linear", 10, 0, 0.2)
+    assert [linear(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.6, 0.2])
+    constant = lr_multiplier("constant", 10, 3)
+    assert [constant(s) for s in (0, 3, 9)] == pytest.approx([0.25, 1.0, 1.0])
+
+
+def test_degenerate_lengths_do_not_divide_by_zero() -> None:
+    assert lr_multiplier("cosine", 1, 5)(0) == pytest.approx(1.0)  # warmup clipped to the run
+    assert lr_multiplier("cosine", 0, 0)(0) == pytest.approx(1.0)
+
+
+class RecordLr(L.Callback):
+    """The learning rate of every group at every optimiser step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+
+
+def test_schedule_steps_per_optimiser_step_with_accumulation(tmp_path: Path) -> None:
+    # 2 classes x 13 images, 3 held out per class -> 20 train images -> 5 batches of 4;
+    # accumulating 2 batches gives ceil(5 / 2) = 3 optimiser steps per epoch, 9 in 3 epochs.
+    make_class_images(tmp_path / "data", {"a": 13, "b": 13}, size=32)
+    recipe = Recipe.model_validate(
+        {
+            "model": {**TINY_VIT, "drop_path_rate": 0.0},
+            "data": {
+                "root": str(tmp_path / "data"),
+                "val_fraction": 0.2,
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+            "augment": {"preset": "none"},
+            "optim": {"lr": 0.01, "weight_decay": 0.05},
+            "schedule": {"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1},
+            "trainer": {
+                "max_epochs": 3,
+                "accumulate_grad_batches": 2,
+                "accelerator": "cpu",
+                "devices": 1,
+                "precision": "32-true",
+            },
+            "logging": {"wandb": False},
+        }
+    )
+    assembly = build_finetune(recipe, tmp_path / "run")
+    recorder = RecordLr()
+    trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/acc1", "max"), [recorder])
+    trainer.fit(assembly.task, datamodule=assembly.datamodule)
+    total = 3 * math.ceil(5 / 2)
+    assert trainer.global_step == total == len(recorder.lrs)
+    for step, group_lrs in enumerate(recorder.lrs):
+        assert group_lrs == pytest.approx([expected_lr(step, total, 2, 0.01, 0.1)] * len(group_lrs))
