@@ -38,13 +38,13 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vittune.models.teacher import FrozenTeacher
 from vittune.recipe.schema import Recipe
 from vittune.tasks.distillation import DistillationTask
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## DeiT distillation step (vittune vs student step + teacher forward)"
 GOAL = 1.10
 
@@ -241,24 +241,8 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        update_results(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}")
-
-
-def update_results(text: str) -> None:
-    """Replace this benchmark's section in RESULTS.md, keeping every other section as it is."""
-    header = "# Benchmark results\n\nEach section is written by one script in `benchmarks/`.\n"
-    content = RESULTS.read_text() if RESULTS.exists() else header
-    parts = content.split("\n## ")
-    head, sections = parts[0], ["## " + p for p in parts[1:]]
-    mine = text.strip() + "\n"
-    for i, section in enumerate(sections):
-        if section.startswith(SECTION):
-            sections[i] = mine
-            break
-    else:
-        sections.append(mine)
-    RESULTS.write_text(head.rstrip() + "\n\n" + "\n".join(s.rstrip() + "\n" for s in sections))
 
 
 if __name__ == "__main__":

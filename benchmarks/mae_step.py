@@ -27,6 +27,7 @@ from pathlib import Path
 
 import timm
 import torch
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
 from torch import nn
 
 from vittune.models.mae import (
@@ -39,7 +40,6 @@ from vittune.models.mae import (
 )
 from vittune.recipe.schema import MaeConfig
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## MAE step vs full-token step"
 
 
@@ -204,24 +204,8 @@ def main() -> None:
     print()
     print(text)
     if args.write:
-        update_results(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}")
-
-
-def update_results(text: str) -> None:
-    """Replace this benchmark's section in RESULTS.md, keeping every other section as it is."""
-    header = "# Benchmark results\n\nEach section is written by one script in `benchmarks/`.\n"
-    content = RESULTS.read_text() if RESULTS.exists() else header
-    parts = content.split("\n## ")
-    head, sections = parts[0], ["## " + p for p in parts[1:]]
-    mine = text.strip() + "\n"
-    for i, section in enumerate(sections):
-        if section.startswith(SECTION):
-            sections[i] = mine
-            break
-    else:
-        sections.append(mine)
-    RESULTS.write_text(head.rstrip() + "\n\n" + "\n".join(s.rstrip() + "\n" for s in sections))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## MAE transfer on digits (10% of the labels)"
 VITTUNE = shutil.which("vittune", path=str(Path(sys.executable).parent)) or "vittune"
 
@@ -151,24 +152,8 @@ def main() -> None:
     print(text)
     print(f"runs in {work}")
     if args.write:
-        update_results(text)
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}")
-
-
-def update_results(text: str) -> None:
-    """Replace this benchmark's section in RESULTS.md, keeping every other section as it is."""
-    header = "# Benchmark results\n\nEach section is written by one script in `benchmarks/`.\n"
-    content = RESULTS.read_text() if RESULTS.exists() else header
-    parts = content.split("\n## ")
-    head, sections = parts[0], ["## " + p for p in parts[1:]]
-    mine = text.strip() + "\n"
-    for i, section in enumerate(sections):
-        if section.startswith(SECTION):
-            sections[i] = mine
-            break
-    else:
-        sections.append(mine)
-    RESULTS.write_text(head.rstrip() + "\n\n" + "\n".join(s.rstrip() + "\n" for s in sections))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import lightning as L
 import timm
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,7 +51,6 @@ from vittune.recipe.schema import Recipe
 from vittune.run import build_trainer, monitor_of
 from vittune.tasks.classification import ClassificationTask
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Training-step overhead (vittune vs plain timm + torch)"
 LR, WEIGHT_DECAY, DROP_PATH = 1e-3, 0.05, 0.1
 WALL, CPU = 0, 1
@@ -385,19 +385,6 @@ def machine() -> str:
     )
 
 
-def update_results(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md; every other section stays as it is."""
-    header = "# Benchmark results\n\nEach `##` section is written by one script in `benchmarks/` (see README.md).\n"
-    head, *rest = (RESULTS.read_text() if RESULTS.exists() else header).split("\n## ")
-    sections = ["## " + part.rstrip() for part in rest]
-    mine = [i for i, s in enumerate(sections) if s.startswith(SECTION)]
-    if mine:
-        sections[mine[0]] = text.strip()
-    else:
-        sections.insert(0, text.strip())
-    RESULTS.write_text(head.rstrip() + "\n\n" + "\n\n".join(sections) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["tiny", "small"])
@@ -429,10 +416,11 @@ def main() -> None:
         )
         flags += f" --breakdown {args.breakdown}" if args.breakdown else ""
         flags += " --separate" if args.separate else ""
-        update_results(
+        write_section(
+            SECTION,
             f"{SECTION}\n\nMachine: {machine()}; {args.threads} torch thread(s).\n"
             f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/overhead.py {flags}`"
-            f" ({'paired' if paired else 'separate'} runs).\n\n{INCLUDED}\n\n" + "\n\n".join(parts)
+            f" ({'paired' if paired else 'separate'} runs).\n\n{INCLUDED}\n\n" + "\n\n".join(parts),
         )
         print(f"\nwrote {RESULTS}")
 
