@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -29,26 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
+from results_md import RESULTS, machine, write_section  # noqa: E402 (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## DeiT distillation on digits (10% of the labels)"
 VITTUNE = shutil.which("vittune", path=str(Path(sys.executable).parent)) or "vittune"
 TYPES = ("none", "hard", "soft")
-
-
-def machine() -> str:
-    """The CPU's model name (Linux) and core count; these benchmarks run without a GPU."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        models = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} CPU cores, no GPU"
 
 
 def launch(command: str, recipe: str, name: str, overrides: list[str], work: Path, threads: int):

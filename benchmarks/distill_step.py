@@ -25,20 +25,17 @@ shared machine wall time mostly measures the other jobs); wall time is reported 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
+from results_md import RESULTS, machine, write_section  # noqa: E402 (benchmarks/ is on sys.path)
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vittune.models.teacher import FrozenTeacher
@@ -87,19 +84,6 @@ CONFIGS = {
         classes=100,
     ),
 }
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        models = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} CPU cores, no GPU"
 
 
 def clock() -> tuple[float, float]:

@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
+from results_md import RESULTS, machine, write_section  # noqa: E402 (benchmarks/ is on sys.path)
 from torch import nn
 
 from vittune.models.mae import (
@@ -128,20 +126,6 @@ def time_steps(
         model(images).loss.backward()
         optimizer.step()
     return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
-
-
-def machine() -> str:
-    """The CPU's model name (Linux), its core count, and no GPU: these benchmarks run on CPU."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        models = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} CPU cores, no GPU"
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
-"""Shared by every benchmark script: rewrite one `## ` section of RESULTS.md in place."""
+"""Shared by the benchmark scripts: the machine line and rewriting one `## ` section of RESULTS.md."""
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -19,3 +21,17 @@ def write_section(section: str, text: str) -> Path:
         sections.append(text.strip())
     RESULTS.write_text(head.rstrip() + "\n\n" + "\n\n".join(sections) + "\n")
     return RESULTS
+
+
+def machine() -> str:
+    """The CPU's model name (Linux), its core count, and no GPU: these benchmarks run on CPU."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        name = models[0] if models else name
+    return f"{name}, {os.cpu_count()} CPU cores, no GPU"
