@@ -196,8 +196,15 @@ def build_trainer(
     )
     callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra]
     if t.early_stopping_patience:
+        # Checked after each validation, not at the end of a training epoch: a run capped by
+        # `max_steps` mid-epoch ends an epoch that had no validation, and the metric is missing.
         callbacks.append(
-            EarlyStopping(monitor=monitor[0], mode=monitor[1], patience=t.early_stopping_patience)
+            EarlyStopping(
+                monitor=monitor[0],
+                mode=monitor[1],
+                patience=t.early_stopping_patience,
+                check_on_train_epoch_end=False,
+            )
         )
     optional = {
         "limit_train_batches": t.limit_train_batches,

@@ -4,45 +4,72 @@ from __future__ import annotations
 
 import netrc
 import os
-import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from vittune.errors import RecipeError
+from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 from vittune.recipe.schema import LoggingConfig
 
-WANDB_HOST = "api.wandb.ai"
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
+WANDB_HOST = urlparse(DEFAULT_WANDB_URL).hostname
+# wandb.init's own wait for its service (90 s by default); the probe has already found the
+# server answering, so this only bounds a server that stops answering in between.
+WANDB_INIT_TIMEOUT_S = 30
+
+
+def wandb_base_url() -> str:
+    """The server W&B will talk to: `WANDB_BASE_URL` (self-hosted W&B) or the public one."""
+    return (os.environ.get("WANDB_BASE_URL") or DEFAULT_WANDB_URL).rstrip("/")
 
 
 def wandb_key_available() -> bool:
     """An API key in the environment or in ~/.netrc (where `wandb login` puts it)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlparse(wandb_base_url()).hostname or WANDB_HOST
     try:
-        return netrc.netrc().authenticators(WANDB_HOST) is not None
+        found = netrc.netrc()
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    return found.authenticators(host) is not None or found.authenticators(WANDB_HOST) is not None
 
 
-def host_reachable(host: str = WANDB_HOST, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def host_reachable(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the W&B server (`WANDB_BASE_URL` by default) answers within `timeout` seconds."""
+    return endpoint_reachable(url or wandb_base_url(), timeout)
 
 
 def resolve_wandb_mode(cfg: LoggingConfig) -> tuple[str, str | None]:
-    """(mode, reason): `WANDB_MODE` wins; otherwise online only with a key and a reachable host."""
-    env_mode = os.environ.get("WANDB_MODE")
-    if env_mode:
-        return env_mode, None
-    if cfg.wandb_mode == "offline":
-        return "offline", None
+    """(mode, reason) for W&B; never lets wandb wait on a server that does not answer.
+
+    `WANDB_MODE` wins over the recipe. `auto` goes online only with a key and an answering
+    server, else offline with the reason. An explicit `online` (either place) that cannot be
+    honoured is a one-line error before training: the user asked for live logging.
+    """
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    mode = env_mode or cfg.wandb_mode
+    where = "WANDB_MODE=online" if env_mode else "logging.wandb_mode: online"
+    if mode not in ("online", "auto", "run"):  # offline, disabled, dryrun: nothing to reach
+        return mode, None
+    explicit = mode in ("online", "run")
+    url = wandb_base_url()
     if not wandb_key_available():
+        if explicit:
+            raise RecipeError(
+                f"{where} but no W&B API key is set; run `wandb login`, set WANDB_API_KEY,"
+                " or use logging.wandb_mode: auto to fall back to offline"
+            )
         return "offline", "no W&B API key found (run `wandb login` to log online)"
-    if not host_reachable():
-        return "offline", f"{WANDB_HOST} is not reachable"
+    if not host_reachable(url):
+        if explicit:
+            raise RecipeError(
+                f"{where} but the W&B server {url} did not answer within {PROBE_TIMEOUT_S:g} s;"
+                " check WANDB_BASE_URL and the network, or use logging.wandb_mode: auto or offline"
+            )
+        return "offline", f"the W&B server {url} did not answer within {PROBE_TIMEOUT_S:g} s"
     return "online", None
 
 
@@ -56,6 +83,8 @@ def build_loggers(
     mode, reason = resolve_wandb_mode(cfg)
     if mode == "disabled":
         return loggers, None
+    import wandb  # noqa: PLC0415 (only runs that log to W&B pay for its import)
+
     loggers.append(
         WandbLogger(
             project=cfg.project,
@@ -64,6 +93,7 @@ def build_loggers(
             tags=cfg.tags,
             save_dir=str(run_dir),
             mode=mode,
+            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
         )
     )
     if mode == "offline":

@@ -88,3 +88,38 @@ def test_schedule_steps_per_optimiser_step_with_accumulation(tmp_path: Path) -> 
     assert trainer.global_step == total == len(recorder.lrs)
     for step, group_lrs in enumerate(recorder.lrs):
         assert group_lrs == pytest.approx([expected_lr(step, total, 2, 0.01, 0.1)] * len(group_lrs))
+
+
+def test_warmup_epochs_stay_real_epochs_when_max_steps_caps_training(tmp_path: Path) -> None:
+    # 20 train images in batches of 4 -> 5 optimiser steps per epoch, so one warmup epoch is
+    # 5 steps, also when max_steps=7 ends training long before max_epochs=10.
+    make_class_images(tmp_path / "data", {"a": 13, "b": 13}, size=32)
+    recipe = Recipe.model_validate(
+        {
+            "model": {**TINY_VIT, "drop_path_rate": 0.0},
+            "data": {
+                "root": str(tmp_path / "data"),
+                "val_fraction": 0.2,
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+            "augment": {"preset": "none"},
+            "optim": {"lr": 0.01},
+            "schedule": {"name": "cosine", "warmup_epochs": 1},
+            "trainer": {
+                "max_epochs": 10,
+                "max_steps": 7,
+                "accelerator": "cpu",
+                "devices": 1,
+                "precision": "32-true",
+            },
+            "logging": {"wandb": False},
+        }
+    )
+    assembly = build_finetune(recipe, tmp_path / "run")
+    recorder = RecordLr()
+    trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/acc1", "max"), [recorder])
+    trainer.fit(assembly.task, datamodule=assembly.datamodule)
+    assert len(recorder.lrs) == 7
+    for step, group_lrs in enumerate(recorder.lrs):
+        assert group_lrs[0] == pytest.approx(expected_lr(step, 7, 5, 0.01))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from vittune.errors import WeightsError
+from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 
 WEIGHT_FILES = ("model.safetensors", "encoder.safetensors")
 LIGHTNING_PREFIX = "model."  # every vittune task keeps its timm backbone as `self.model`
@@ -90,19 +90,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in content.items() if isinstance(v, torch.Tensor)}
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """A short TCP probe so that an offline machine fails fast instead of waiting on retries."""
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+def hub_endpoint() -> str:
+    """The hub huggingface_hub downloads from: `HF_ENDPOINT` (a mirror) or the public one."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
+def hub_reachable(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """A bounded probe so that an offline machine fails fast instead of waiting on retries."""
+    return endpoint_reachable(url or hub_endpoint(), timeout)
 
 
 def prepare_hub_access() -> None:
-    """Switch huggingface_hub to its offline cache when the hub cannot be reached.
+    """Switch huggingface_hub to its offline cache when the hub (`HF_ENDPOINT`) does not answer.
 
-    Honours a user's HF_HUB_OFFLINE; never waits longer than the probe's timeout.
+    Honours a user's HF_HUB_OFFLINE; never waits longer than the probe's deadline.
     """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         return

@@ -5,6 +5,7 @@ and the schedule are shared here so that every task gets layer decay and warmup 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,18 @@ def effective_lr(recipe: Recipe, world_size: int) -> float:
         return recipe.optim.lr
     batch = recipe.data.batch_size * recipe.trainer.accumulate_grad_batches * world_size
     return recipe.optim.lr * batch / 256
+
+
+def optimizer_steps_per_epoch(trainer: L.Trainer, total_steps: int) -> int:
+    """Optimiser steps in one real epoch, also when `max_steps` ends training early.
+
+    `estimated_stepping_batches` (already called, so the train loader is set up) is capped by
+    `max_steps`; dividing it by `max_epochs` would shrink "warmup_epochs" with the cap.
+    """
+    batches = trainer.num_training_batches
+    if math.isinf(batches):  # an iterable dataset of unknown length: spread what is known
+        return max(1, total_steps // max(1, trainer.max_epochs or 1))
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 class VitTask(L.LightningModule):
@@ -51,7 +64,7 @@ class VitTask(L.LightningModule):
         if schedule.warmup_steps is not None:
             warmup = schedule.warmup_steps
         else:
-            warmup = round(schedule.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
+            warmup = round(schedule.warmup_epochs * optimizer_steps_per_epoch(self.trainer, total))
         scheduler = LambdaLR(
             optimizer, lr_multiplier(schedule.name, total, warmup, schedule.min_lr_ratio)
         )
