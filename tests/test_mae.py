@@ -295,7 +295,5 @@ def test_user_mistakes_raise_one_line_recipe_errors():
         random_masking(2, 16, 0.99)
     with pytest.raises(RecipeError, match="not divisible by mae.decoder_heads"):
         MaeTask(Recipe(mae=MaeConfig(decoder_dim=30, decoder_heads=4)), tiny_encoder())
-    with pytest.raises(RecipeError, match="layer_decay"):
-        MaeTask(Recipe(mae=SMALL_DECODER, optim={"layer_decay": 0.75}), tiny_encoder())
     with pytest.raises(RecipeError, match="divisible by 4"):
         MaeTask(Recipe(mae=MaeConfig(decoder_dim=30, decoder_heads=3)), tiny_encoder())

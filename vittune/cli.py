@@ -107,7 +107,6 @@ def inspect(
 
     def action() -> None:
         from vittune.inspection import inspect_recipe
-
         from vittune.recipe.load import load_recipe
 
         if command not in ("finetune", "pretrain-mae", "distill"):

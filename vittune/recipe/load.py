@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vittune.errors import RecipeError
-from vittune.recipe.schema import Command, MaeConfig, Recipe
+from vittune.recipe.checks import check_recipe
+from vittune.recipe.schema import Command, Recipe
 
 
 class SafeRecipeLoader(yaml.SafeLoader):
@@ -171,63 +172,6 @@ def format_validation_error(err: ValidationError) -> str:
     return f"recipe key `{dotted}`: {first['msg']} (got {value!r}); fix the value in the recipe or override"
 
 
-def check_semantics(recipe: Recipe, command: Command) -> None:
-    """Checks that need more than one field; each raises a one-line RecipeError."""
-    if recipe.task is not None and recipe.task != command:
-        raise RecipeError(
-            f"this recipe is for `vittune {recipe.task}`, not `vittune {command}`; run that command instead"
-        )
-    data = recipe.data
-    sources = [name for name in ("root", "csv", "builtin") if getattr(data, name)]
-    if len(sources) != 1:
-        raise RecipeError(
-            "set exactly one of data.root, data.csv or data.builtin "
-            + (f"(got {', '.join(sources)})" if sources else "(none is set)")
-        )
-    if len(set(map(len, filter(None, (data.mean, data.std))))) > 1:
-        raise RecipeError(
-            "data.mean and data.std must have the same length (one value per channel)"
-        )
-    if data.mean is not None and len(data.mean) not in (1, recipe.model.in_chans):
-        raise RecipeError(
-            f"data.mean has {len(data.mean)} values but model.in_chans is {recipe.model.in_chans};"
-            " give one value per channel (or one for all)"
-        )
-    if data.multi_label and (recipe.augment.mixup_alpha > 0 or recipe.augment.cutmix_alpha > 0):
-        raise RecipeError(
-            "mixup/cutmix are not supported with data.multi_label; set augment.mixup_alpha and augment.cutmix_alpha to 0"
-        )
-    if data.multi_label and recipe.loss.class_weights == "balanced":
-        raise RecipeError(
-            "loss.class_weights: balanced is for single-label data; give explicit weights or none"
-        )
-    patch = recipe.model.patch_size
-    sizes = (
-        (recipe.model.img_size,) * 2
-        if isinstance(recipe.model.img_size, int)
-        else recipe.model.img_size
-    )
-    if patch is not None and any(s % patch for s in sizes):
-        raise RecipeError(
-            f"model.img_size {recipe.model.img_size} is not divisible by model.patch_size {patch}; pick a multiple of {patch}"
-        )
-    if command == "distill" and recipe.distill is None:
-        raise RecipeError(
-            "`vittune distill` needs a `distill:` section with at least `teacher: {name: ..., pretrained: ...}`"
-        )
-    if command == "distill" and recipe.distill.teacher.pretrained is False:
-        raise RecipeError(
-            "distill.teacher.pretrained is false: a random teacher teaches nothing; point it at weights"
-        )
-    if command == "pretrain-mae" and recipe.mae is None:
-        recipe.mae = MaeConfig()
-    for epoch, blocks in recipe.freeze.unfreeze_schedule.items():
-        if epoch < 0 or blocks < 0:
-            raise RecipeError(
-                f"freeze.unfreeze_schedule entry {epoch}: {blocks} must map an epoch >= 0 to a block count >= 0"
-            )
-
-
 def load_recipe(
     path: str | Path, overrides: list[str] | None = None, command: Command = "finetune"
 ) -> Recipe:
@@ -239,7 +183,7 @@ def load_recipe(
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(format_validation_error(err)) from None
-    check_semantics(recipe, command)
+    check_recipe(recipe, command)
     return recipe
 
 

@@ -17,13 +17,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def image_size_pair(value: Any) -> Any:
+    """`224` -> (224, 224): every image size is (height, width) from here on, in one place."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if isinstance(value, list | tuple) and any(isinstance(v, int) and v <= 0 for v in value):
+        raise ValueError("image sizes must be positive")
+    return value
+
+
 class ModelConfig(Section):
     """Which timm backbone, from which weights, at which input geometry."""
 
     name: str = "vit_small_patch16_224"
     pretrained: bool | str = False  # true: timm hub weights; a path: local file or run folder
     pretrained_sha256: str | None = None
-    img_size: int | tuple[int, int] = 224
+    img_size: tuple[int, int] = (224, 224)  # an int means a square; stored as (height, width)
     patch_size: int | None = None  # resample the patch embedding (FlexiViT) when set
     in_chans: int = Field(3, ge=1)
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
@@ -32,13 +41,7 @@ class ModelConfig(Section):
     keep_head: bool = False  # keep the pretrained head when its classes match the data's
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm create_model arguments
 
-    @field_validator("img_size")
-    @classmethod
-    def _positive_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        sizes = (value,) if isinstance(value, int) else value
-        if any(s <= 0 for s in sizes):
-            raise ValueError("image sizes must be positive")
-        return value
+    _img_size = field_validator("img_size", mode="before")(image_size_pair)
 
 
 class DataConfig(Section):
@@ -171,7 +174,10 @@ class TeacherConfig(Section):
     name: str
     pretrained: bool | str = True  # hub weights, a local file, or a vittune run folder
     pretrained_sha256: str | None = None
-    img_size: int | tuple[int, int] | None = None  # None: the teacher's own default
+    img_size: tuple[int, int] | None = None  # None: the teacher's own default
+
+    _img_size = field_validator("img_size", mode="before")(image_size_pair)
+
     in_chans: int | None = None  # None: the student's
     mean: tuple[float, ...] | None = None  # None: the teacher's pretrained config
     std: tuple[float, ...] | None = None

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vittune.errors import RecipeError
 from vittune.models.mae import (
     NORM_PIX_EPS,
     MaeOutput,
@@ -39,11 +38,7 @@ class MaeTask(VitTask):
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
     ) -> None:
-        super().__init__(recipe, run_dir)
-        if recipe.optim.layer_decay is not None:
-            raise RecipeError(
-                "optim.layer_decay is for fine-tuning; MAE pretraining trains every layer at one lr, set it to null"
-            )
+        super().__init__(recipe, run_dir)  # recipe rules (e.g. no layer decay): recipe/checks.py
         check_encoder(encoder)
         self.cfg = recipe.mae or MaeConfig()
         self.model = encoder  # the plain timm module: its state_dict keys are timm names

@@ -1,0 +1,148 @@
+"""Every rule that needs only the recipe, one checker per command.
+
+They run when the recipe is loaded: before a run folder exists, a model is built or a file is
+read, so `--print-recipe`, `inspect` and every training command refuse the same mistakes in
+one line. Rules that need a built model (its patch size, its layers) stay in models/.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import timm
+import timm.optim
+
+from vittune.errors import RecipeError
+from vittune.recipe.schema import Command, Recipe
+
+Check = Callable[[Recipe], None]
+
+
+def _known_model(name: str, key: str) -> None:
+    if timm.is_model(name):
+        return
+    guess = difflib.get_close_matches(name, timm.list_models(), n=1)
+    raise RecipeError(
+        f"unknown timm model {name!r} in {key}"
+        + (f"; did you mean {guess[0]!r}?" if guess else "; see timm.list_models()")
+    )
+
+
+def check_model(recipe: Recipe) -> None:
+    _known_model(recipe.model.name, "model.name")
+    patch = recipe.model.patch_size
+    height, width = recipe.model.img_size
+    if patch is not None and (height % patch or width % patch):
+        raise RecipeError(
+            f"model.img_size {[height, width]} is not divisible by model.patch_size {patch}; pick a multiple of {patch}"
+        )
+
+
+def check_data(recipe: Recipe) -> None:
+    data = recipe.data
+    sources = [name for name in ("root", "csv", "builtin") if getattr(data, name)]
+    if len(sources) != 1:
+        raise RecipeError(
+            "set exactly one of data.root, data.csv or data.builtin "
+            + (f"(got {', '.join(sources)})" if sources else "(none is set)")
+        )
+    if len(set(map(len, filter(None, (data.mean, data.std))))) > 1:
+        raise RecipeError(
+            "data.mean and data.std must have the same length (one value per channel)"
+        )
+    if data.mean is not None and len(data.mean) not in (1, recipe.model.in_chans):
+        raise RecipeError(
+            f"data.mean has {len(data.mean)} values but model.in_chans is {recipe.model.in_chans};"
+            " give one value per channel (or one for all)"
+        )
+
+
+def check_optim(recipe: Recipe) -> None:
+    name = recipe.optim.name.lower()
+    known = timm.optim.list_optimizers()
+    if name not in known:
+        guess = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {guess[0]!r}?" if guess else "e.g. adamw, sgd, lamb"
+        raise RecipeError(
+            f"unknown optim.name {recipe.optim.name!r}; {hint} (timm.optim.list_optimizers())"
+        )
+
+
+def check_mixing(recipe: Recipe) -> None:
+    augment, data = recipe.augment, recipe.data
+    mixing = augment.mixup_alpha > 0 or augment.cutmix_alpha > 0
+    if mixing and data.multi_label:
+        raise RecipeError(
+            "mixup/cutmix are not supported with data.multi_label; set augment.mixup_alpha and augment.cutmix_alpha to 0"
+        )
+    if mixing and data.batch_size % 2:
+        raise RecipeError(f"mixup/cutmix need an even data.batch_size, got {data.batch_size}")
+
+
+def check_loss(recipe: Recipe) -> None:
+    if recipe.data.multi_label and recipe.loss.class_weights == "balanced":
+        raise RecipeError(
+            "loss.class_weights: balanced is for single-label data; give explicit weights or none"
+        )
+
+
+def check_freeze(recipe: Recipe) -> None:
+    for epoch, blocks in recipe.freeze.unfreeze_schedule.items():
+        if epoch < 0 or blocks < 0:
+            raise RecipeError(
+                f"freeze.unfreeze_schedule entry {epoch}: {blocks} must map an epoch >= 0 to a block count >= 0"
+            )
+
+
+def check_mae(recipe: Recipe) -> None:
+    mae = recipe.mae
+    if mae is None:
+        raise RecipeError("`vittune pretrain-mae` needs a `mae:` section")
+    if recipe.optim.layer_decay is not None:
+        raise RecipeError(
+            "optim.layer_decay is for fine-tuning; MAE pretraining trains every layer at one lr, set it to null"
+        )
+    if mae.decoder_dim % mae.decoder_heads:
+        raise RecipeError(
+            f"mae.decoder_dim {mae.decoder_dim} is not divisible by mae.decoder_heads {mae.decoder_heads}; pick a multiple"
+        )
+
+
+def check_distill(recipe: Recipe) -> None:
+    if recipe.distill is None:
+        raise RecipeError(
+            "`vittune distill` needs a `distill:` section with at least `teacher: {name: ..., pretrained: ...}`"
+        )
+    teacher = recipe.distill.teacher
+    if teacher.pretrained is False:
+        raise RecipeError(
+            "distill.teacher.pretrained is false: a random teacher teaches nothing; point it at weights"
+        )
+    _known_model(teacher.name, "distill.teacher.name")
+    if recipe.data.multi_label:
+        raise RecipeError(
+            "vittune distill is single-label; set data.multi_label: false or use vittune finetune"
+        )
+    if recipe.loss.class_weights != "none":
+        raise RecipeError(
+            "loss.class_weights is not supported by vittune distill; set loss.class_weights: none"
+        )
+
+
+COMMON: list[Check] = [check_model, check_data, check_optim, check_mixing, check_loss]
+CHECKS: dict[str, list[Check]] = {
+    "finetune": [*COMMON, check_freeze],
+    "pretrain-mae": [*COMMON, check_mae],
+    "distill": [*COMMON, check_freeze, check_distill],
+}
+
+
+def check_recipe(recipe: Recipe, command: Command) -> None:
+    """Refuse, in one line, the first rule of `command` that the recipe breaks."""
+    if recipe.task is not None and recipe.task != command:
+        raise RecipeError(
+            f"this recipe is for `vittune {recipe.task}`, not `vittune {command}`; run that command instead"
+        )
+    for check in CHECKS[command]:
+        check(recipe)
