@@ -6,8 +6,9 @@ from pathlib import Path
 
 from conftest import TINY_VIT, make_class_images
 
+from vittune.assembly import build
 from vittune.recipe.schema import Recipe
-from vittune.run import build_finetune, build_trainer
+from vittune.run import build_trainer
 
 
 def test_early_stopping_with_max_steps_ending_mid_epoch(tmp_path: Path) -> None:
@@ -29,7 +30,7 @@ def test_early_stopping_with_max_steps_ending_mid_epoch(tmp_path: Path) -> None:
             "logging": {"wandb": False},
         }
     )
-    assembly = build_finetune(recipe, tmp_path / "run")
+    assembly = build(recipe, "finetune")
     trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/auroc", "max"), [])
     trainer.fit(assembly.task, datamodule=assembly.datamodule)
     assert trainer.global_step == 2
@@ -54,7 +55,7 @@ def test_early_stopping_still_stops_on_the_validation_metric(tmp_path: Path) -> 
             "logging": {"wandb": False},
         }
     )
-    assembly = build_finetune(recipe, tmp_path / "run")
+    assembly = build(recipe, "finetune")
     trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/loss", "min"), [])
     trainer.fit(assembly.task, datamodule=assembly.datamodule)
     assert trainer.current_epoch == 2  # epochs 0 and 1 ran; epoch 1 did not improve

@@ -101,17 +101,22 @@ def distill(
 def inspect(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    command: Annotated[str, typer.Option(help="finetune, pretrain-mae or distill")] = "finetune",
+    command: Annotated[
+        str | None,
+        typer.Option(help="finetune, pretrain-mae or distill (default: the recipe's task:)"),
+    ] = None,
 ) -> None:
-    """Show the backbone, token grid, weight loading and parameter groups without training."""
+    """Show the backbone, token grid, weights, teacher or decoder and parameter groups; no training."""
 
     def action() -> None:
         from vittune.inspection import inspect_recipe
         from vittune.recipe.load import load_recipe
 
-        if command not in ("finetune", "pretrain-mae", "distill"):
+        if command not in (None, "finetune", "pretrain-mae", "distill"):
             raise typer.BadParameter("--command must be finetune, pretrain-mae or distill")
-        typer.echo(inspect_recipe(load_recipe(recipe, overrides or [], command=command), command))
+        loaded = load_recipe(recipe, overrides or [], command=command)
+        chosen = command or loaded.task or "finetune"
+        typer.echo(inspect_recipe(loaded, chosen))
 
     guarded(action)
 

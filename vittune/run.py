@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import timm.data
 import torch
 from lightning.pytorch.callbacks import (
     Callback,
@@ -22,37 +21,17 @@ from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
 )
-from torch import nn
 
-from vittune.callbacks import GradualUnfreeze
-from vittune.data.datamodule import ImageDataModule, scan_sources
+from vittune.assembly import Assembly, build
 from vittune.errors import RecipeError, VittuneError
 from vittune.export import export_config, write_export
-from vittune.models.backbone import LoadReport, create_backbone
-from vittune.models.freezing import apply_freeze, frozen_blocks_at
 from vittune.models.weights import read_state_dict
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
 from vittune.tasks.base import VitTask
-from vittune.tasks.classification import ClassificationTask, balanced_class_weights
 from vittune.tracking import build_loggers
 
 RUN_DIR_ENV = "VITTUNE_RUN_DIR"  # shared with DDP worker processes, which re-run the CLI
-
-
-@dataclass
-class Assembly:
-    """Everything a run needs besides the Trainer."""
-
-    task: VitTask
-    datamodule: ImageDataModule
-    report: LoadReport
-    classes: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    export_name: str = "model.safetensors"
-    export_module: Callable[[VitTask], nn.Module] = lambda task: task.model
-    callbacks: list[Callback] = field(default_factory=list)
 
 
 @dataclass
@@ -62,114 +41,6 @@ class RunResult:
     best_score: float | None
     export_path: Path | None
     messages: list[str] = field(default_factory=list)
-
-
-def fit_channels(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
-    """Per-channel statistics for `in_chans` channels (grey models average RGB statistics)."""
-    values = tuple(float(v) for v in values)
-    if len(values) == in_chans:
-        return values
-    if len(values) == 1:
-        return values * in_chans
-    if in_chans == 1:
-        return (sum(values) / len(values),)
-    return tuple(values[i % len(values)] for i in range(in_chans))
-
-
-def normalisation(model: nn.Module, recipe: Recipe) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The recipe's mean/std, else the backbone's pretrained config (timm's resolver)."""
-    resolved = timm.data.resolve_model_data_config(model)
-    mean = recipe.data.mean or resolved["mean"]
-    std = recipe.data.std or resolved["std"]
-    return fit_channels(mean, recipe.model.in_chans), fit_channels(std, recipe.model.in_chans)
-
-
-def class_weights(recipe: Recipe, datamodule: ImageDataModule) -> torch.Tensor | None:
-    setting = recipe.loss.class_weights
-    if setting == "none":
-        return None
-    if setting == "balanced":
-        return balanced_class_weights(datamodule.class_counts())
-    if len(setting) != len(datamodule.classes):
-        raise RecipeError(
-            f"loss.class_weights has {len(setting)} values but the data has {len(datamodule.classes)} classes {datamodule.classes}"
-        )
-    return torch.tensor(setting, dtype=torch.float)
-
-
-def freeze_for_recipe(model: nn.Module, recipe: Recipe) -> list[Callback]:
-    """Freeze what the recipe says at epoch 0; a schedule adds the callback that unfreezes later."""
-    cfg = recipe.freeze
-    probe = cfg.linear_probe and 0 not in cfg.unfreeze_schedule
-    try:
-        apply_freeze(model, frozen_blocks_at(0, cfg.frozen_blocks, cfg.unfreeze_schedule), probe)
-    except ValueError as err:
-        raise RecipeError(
-            f"freeze: {err}; use freeze.linear_probe to train only the head"
-        ) from None
-    if not any(p.requires_grad for p in model.parameters()):
-        raise RecipeError("freeze settings leave no parameter to train; lower freeze.frozen_blocks")
-    return [GradualUnfreeze(cfg, recipe.optim)] if cfg.unfreeze_schedule else []
-
-
-def build_finetune(recipe: Recipe, run_dir: Path) -> Assembly:
-    found = scan_sources(recipe.data)
-    if len(found.classes) < 2:
-        raise RecipeError(
-            f"fine-tuning needs at least 2 classes, found {found.classes}; check data.root / data.csv"
-        )
-    if recipe.augment.mixup_alpha + recipe.augment.cutmix_alpha > 0 and recipe.data.batch_size % 2:
-        raise RecipeError(
-            f"mixup/cutmix need an even data.batch_size, got {recipe.data.batch_size}"
-        )
-    model, report = create_backbone(recipe.model, num_classes=len(found.classes))
-    mean, std = normalisation(model, recipe)
-    datamodule = ImageDataModule(
-        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
-    )
-    callbacks = freeze_for_recipe(model, recipe)
-    task = ClassificationTask(
-        recipe, model, found.classes, class_weights(recipe, datamodule), run_dir
-    )
-    return Assembly(task, datamodule, report, found.classes, mean, std, callbacks=callbacks)
-
-
-def build_pretrain_mae(recipe: Recipe, run_dir: Path) -> Assembly:
-    from vittune.tasks.mae import MaeTask  # noqa: PLC0415 (only MAE runs pay for its import)
-
-    found = scan_sources(recipe.data)
-    encoder, report = create_backbone(recipe.model, num_classes=0)
-    mean, std = normalisation(encoder, recipe)
-    datamodule = ImageDataModule(
-        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
-    )
-    task = MaeTask(recipe, encoder, run_dir=run_dir, mean=mean, std=std)
-    return Assembly(
-        task, datamodule, report, found.classes, mean, std, export_name="encoder.safetensors"
-    )
-
-
-def build_distill(recipe: Recipe, run_dir: Path) -> Assembly:
-    from vittune.models.teacher import build_teacher  # noqa: PLC0415
-    from vittune.tasks.distillation import DistillationTask  # noqa: PLC0415
-
-    found = scan_sources(recipe.data)
-    student, report = create_backbone(recipe.model, num_classes=len(found.classes))
-    mean, std = normalisation(student, recipe)
-    teacher = build_teacher(recipe.distill.teacher, found.classes, recipe.model.in_chans, mean, std)
-    datamodule = ImageDataModule(
-        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
-    )
-    callbacks = freeze_for_recipe(student, recipe)
-    task = DistillationTask(recipe, student, teacher, found.classes, run_dir)
-    return Assembly(task, datamodule, report, found.classes, mean, std, callbacks=callbacks)
-
-
-BUILDERS: dict[str, Callable[[Recipe, Path], Assembly]] = {
-    "finetune": build_finetune,
-    "pretrain-mae": build_pretrain_mae,
-    "distill": build_distill,
-}
 
 
 def default_precision(accelerator: str) -> str:
@@ -315,7 +186,7 @@ def _fit_into(
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     try:
-        assembly = BUILDERS[command](recipe, run_dir)
+        assembly = build(recipe, command, run_dir)
     except VittuneError:
         if created:  # nothing was trained: leave no half-made folder behind
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -10,9 +10,10 @@ import pytest
 from conftest import TINY_VIT, make_class_images
 from helpers import expected_lr
 
+from vittune.assembly import build
 from vittune.optim.schedules import lr_multiplier
 from vittune.recipe.schema import Recipe
-from vittune.run import build_finetune, build_trainer
+from vittune.run import build_trainer
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,7 @@ def test_schedule_steps_per_optimiser_step_with_accumulation(tmp_path: Path) -> 
             "logging": {"wandb": False},
         }
     )
-    assembly = build_finetune(recipe, tmp_path / "run")
+    assembly = build(recipe, "finetune")
     recorder = RecordLr()
     trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/acc1", "max"), [recorder])
     trainer.fit(assembly.task, datamodule=assembly.datamodule)
@@ -116,7 +117,7 @@ def test_warmup_epochs_stay_real_epochs_when_max_steps_caps_training(tmp_path: P
             "logging": {"wandb": False},
         }
     )
-    assembly = build_finetune(recipe, tmp_path / "run")
+    assembly = build(recipe, "finetune")
     recorder = RecordLr()
     trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/acc1", "max"), [recorder])
     trainer.fit(assembly.task, datamodule=assembly.datamodule)

@@ -35,10 +35,6 @@ class LoadReport:
     grid_after: tuple[int, int] | None = None
 
 
-def _sizes(img_size: int | tuple[int, int]) -> tuple[int, int]:
-    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-
-
 def create_model(
     name: str,
     num_classes: int,
@@ -195,7 +191,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Load
             cfg.name, num_classes, cfg.img_size, cfg.patch_size, cfg.in_chans, **extra
         )
     if hasattr(model, "patch_embed"):
-        _check_divisible(model, _sizes(cfg.img_size))
+        _check_divisible(model, cfg.img_size)
     report.grid_after = surgery.grid_of(model)
     if isinstance(cfg.pretrained, str):
         load_weights(model, cfg.pretrained, cfg, report)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from vittune.models import surgery
-from vittune.optim.param_groups import layer_ids
+from vittune.models.layers import layer_ids
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:

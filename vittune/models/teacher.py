@@ -16,32 +16,16 @@ import timm
 import timm.data
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from timm.models import get_pretrained_cfg
 from timm.task import DistillationTeacher
 from torch import nn
 
 from vittune.errors import RecipeError, WeightsError
 from vittune.models.backbone import create_backbone
+from vittune.models.normalisation import resolve_normalisation
 from vittune.models.weights import resolve_weight_file
 from vittune.recipe.schema import ModelConfig, TeacherConfig
-
-
-def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _per_channel(values: tuple[float, ...] | list[float], channels: int) -> tuple[float, ...]:
-    """Statistics for `channels` channels: one value repeats, RGB averages to grey."""
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    if channels == 1:
-        return (sum(values) / len(values),)
-    raise RecipeError(
-        f"teacher mean/std have {len(values)} values for {channels} channels; set distill.teacher.mean and .std"
-    )
 
 
 def align_classes(teacher_classes: list[str], student_classes: list[str]) -> list[int]:
@@ -89,7 +73,7 @@ class FrozenTeacher(DistillationTeacher):
         super().__init__(model)
         self.model.requires_grad_(False)
         self.in_chans = len(mean)
-        self.img_size = _pair(img_size)
+        self.img_size = tuple(to_2tuple(img_size))
         self.description = description
         # The resolved statistics (recipe, run config.json) replace timm's pretrained_cfg ones.
         self.mean_kd = torch.tensor(mean, dtype=torch.float).view(1, -1, 1, 1)
@@ -277,10 +261,14 @@ def build_teacher(
         raise WeightsError(
             f"{source} has no trained head for {len(teacher_classes)} classes ({', '.join(report.reinitialised)}); a teacher must be a trained classifier, e.g. a `vittune finetune` run"
         )
-    resolved = timm.data.resolve_model_data_config(model)
-    mean = _per_channel(cfg.mean or saved.get("mean") or resolved["mean"], in_chans)
-    std = _per_channel(cfg.std or saved.get("std") or resolved["std"], in_chans)
-    size = _pair(model_cfg.img_size)
+    mean, std = resolve_normalisation(
+        model,
+        cfg.mean or saved.get("mean"),
+        cfg.std or saved.get("std"),
+        in_chans,
+        "distill.teacher",
+    )
+    size = model_cfg.img_size
     description = (
         f"{cfg.name} from {source}, {size[0]}x{size[1]} px, {in_chans} channel(s), "
         f"mean {tuple(round(m, 4) for m in mean)}, std {tuple(round(s, 4) for s in std)}, "

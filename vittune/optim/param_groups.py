@@ -10,23 +10,11 @@ from typing import Any
 
 import timm.optim
 import torch
-from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+from vittune.models.layers import layer_ids, no_weight_decay_names
 from vittune.recipe.schema import OptimConfig
-
-
-def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Position embeddings and tokens as the model declares them (timm's hook)."""
-    return set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-
-
-def layer_ids(model: nn.Module) -> dict[str, int]:
-    """Parameter name -> layer id from timm's `group_matcher` (stem 0, blocks 1..depth, head last)."""
-    if not hasattr(model, "group_matcher"):
-        return {}
-    return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
 
 
 def build_param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[str, Any]]:

@@ -173,12 +173,19 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, command: Command = "finetune"
+    path: str | Path, overrides: list[str] | None = None, command: Command | None = "finetune"
 ) -> Recipe:
-    """Resolve a recipe file plus overrides into a validated Recipe."""
-    raw = deep_merge(COMMAND_DEFAULTS[command], read_recipe_file(path))
+    """Resolve a recipe file plus overrides into a validated Recipe.
+
+    `command=None` takes the command from the recipe's own `task:` (else finetune), for
+    commands such as `inspect` that serve every task.
+    """
+    raw = read_recipe_file(path)
     for text in overrides or []:
         raw = deep_merge(raw, parse_override(text))
+    if command is None:
+        command = raw.get("task") if raw.get("task") in COMMAND_DEFAULTS else "finetune"
+    raw = deep_merge(COMMAND_DEFAULTS[command], raw)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:

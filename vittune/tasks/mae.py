@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from vittune.models.mae import (
     unpatchify,
 )
 from vittune.plots import save_mae_grid
-from vittune.recipe.schema import MaeConfig, Recipe
+from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
 from vittune.tracking import log_image
 
@@ -40,7 +41,9 @@ class MaeTask(VitTask):
     ) -> None:
         super().__init__(recipe, run_dir)  # recipe rules (e.g. no layer decay): recipe/checks.py
         check_encoder(encoder)
-        self.cfg = recipe.mae or MaeConfig()
+        if recipe.mae is None:  # load_recipe adds the section, with MaeConfig's defaults
+            raise ValueError("MaeTask needs a recipe with a `mae:` section")
+        self.cfg = recipe.mae
         self.model = encoder  # the plain timm module: its state_dict keys are timm names
         if self.cfg.pos_embed == "sincos":
             freeze_sincos_pos_embed(encoder)
@@ -52,9 +55,13 @@ class MaeTask(VitTask):
         self.register_buffer("std", torch.tensor(std).view(1, channels, 1, 1), persistent=False)
         self._vis_images: torch.Tensor | None = None
 
-    @property
+    @cached_property
     def autoencoder(self) -> MaskedAutoencoder:
-        """A view over `self.model` + `self.decoder` (it owns no parameters)."""
+        """A view over `self.model` + `self.decoder`, built once (it owns no parameters).
+
+        `cached_property` stores it in the instance `__dict__`, outside `nn.Module`'s registry,
+        so the checkpoint keeps the timm key names under `model.` and `decoder.` alone.
+        """
         return MaskedAutoencoder(
             self.model, self.decoder, self.cfg.mask_ratio, self.cfg.norm_pix_loss
         )
