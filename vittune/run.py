@@ -125,7 +125,14 @@ def build_finetune(recipe: Recipe, run_dir: Path) -> Assembly:
     model, report = create_backbone(recipe.model, num_classes=len(found.classes))
     mean, std = normalisation(model, recipe)
     datamodule = ImageDataModule(
-        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
+        recipe.data,
+        recipe.augment,
+        recipe.model.img_size,
+        mean,
+        std,
+        recipe.model.in_chans,
+        found,
+        run_dir,
     )
     callbacks = freeze_for_recipe(model, recipe)
     task = ClassificationTask(
@@ -141,7 +148,14 @@ def build_pretrain_mae(recipe: Recipe, run_dir: Path) -> Assembly:
     encoder, report = create_backbone(recipe.model, num_classes=0)
     mean, std = normalisation(encoder, recipe)
     datamodule = ImageDataModule(
-        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
+        recipe.data,
+        recipe.augment,
+        recipe.model.img_size,
+        mean,
+        std,
+        recipe.model.in_chans,
+        found,
+        run_dir,
     )
     task = MaeTask(recipe, encoder, run_dir=run_dir, mean=mean, std=std)
     return Assembly(
@@ -158,7 +172,14 @@ def build_distill(recipe: Recipe, run_dir: Path) -> Assembly:
     mean, std = normalisation(student, recipe)
     teacher = build_teacher(recipe.distill.teacher, found.classes, recipe.model.in_chans, mean, std)
     datamodule = ImageDataModule(
-        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
+        recipe.data,
+        recipe.augment,
+        recipe.model.img_size,
+        mean,
+        std,
+        recipe.model.in_chans,
+        found,
+        run_dir,
     )
     callbacks = freeze_for_recipe(student, recipe)
     task = DistillationTask(recipe, student, teacher, found.classes, run_dir)
@@ -331,6 +352,8 @@ def _fit_into(
         ckpt_path=recipe.trainer.resume_from,
         weights_only=True,  # checkpoints hold tensors and plain data only
     )
+    if trainer.is_global_zero and (corrupt := assembly.datamodule.corrupt_report()):
+        log(corrupt)
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
     score = checkpoint.best_model_score
     result.best_score = float(score) if score is not None else None
