@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
+import uuid
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -96,9 +96,13 @@ class ImageDataModule(L.LightningDataModule):
         self.in_chans = in_chans
         self.even_batches = augment.mixup_alpha + augment.cutmix_alpha > 0
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        folder = self.run_dir or Path(tempfile.gettempdir())
-        name = ".corrupt_decode.log" if run_dir else f"vittune-corrupt-{os.getpid()}-{id(self)}.log"
-        self.corrupt_log = CorruptLog(folder / name)
+        # Workers report files that fail to decode here (see CorruptLog); without a run folder
+        # (a notebook, a test) a file of its own in the temporary folder.
+        self.corrupt_log = CorruptLog(
+            self.run_dir / ".corrupt_decode.log"
+            if self.run_dir is not None
+            else Path(tempfile.gettempdir()) / f"vittune-corrupt-{uuid.uuid4().hex}.log"
+        )
 
     def class_counts(self) -> torch.Tensor:
         """Training images per class (for balanced class weights)."""

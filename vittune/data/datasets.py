@@ -227,7 +227,7 @@ class CorruptLog:
         if not self.path.is_file():
             return {}
         lines = self.path.read_text().splitlines()
-        return dict((Path(p), r) for p, _, r in (line.partition("\t") for line in lines))
+        return {Path(p): r for p, _, r in (line.partition("\t") for line in lines)}
 
 
 class ImageDataset(Dataset):
