@@ -71,11 +71,15 @@ def freeze_for_recipe(model: nn.Module, recipe: Recipe) -> list[Callback]:
 
 
 def _datamodule(
-    recipe: Recipe, mean: tuple[float, ...], std: tuple[float, ...], found: SplitSamples
+    recipe: Recipe,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    found: SplitSamples,
+    run_dir: Path | None,
 ) -> ImageDataModule:
-    return ImageDataModule(
-        recipe.data, recipe.augment, recipe.model.img_size, mean, std, recipe.model.in_chans, found
-    )
+    cfg = recipe.data
+    size, chans = recipe.model.img_size, recipe.model.in_chans
+    return ImageDataModule(cfg, recipe.augment, size, mean, std, chans, found, run_dir)
 
 
 def _labelled_classes(found: SplitSamples) -> list[str]:
@@ -92,7 +96,7 @@ def build_finetune(recipe: Recipe, found: SplitSamples, run_dir: Path | None) ->
     mean, std = resolve_normalisation(
         model, recipe.data.mean, recipe.data.std, recipe.model.in_chans
     )
-    datamodule = _datamodule(recipe, mean, std, found)
+    datamodule = _datamodule(recipe, mean, std, found, run_dir)
     callbacks = freeze_for_recipe(model, recipe)
     task = ClassificationTask(recipe, model, classes, class_weights(recipe, datamodule), run_dir)
     return Assembly(task, datamodule, report, classes, mean, std, callbacks=callbacks)
@@ -105,7 +109,7 @@ def build_pretrain_mae(recipe: Recipe, found: SplitSamples, run_dir: Path | None
     mean, std = resolve_normalisation(
         encoder, recipe.data.mean, recipe.data.std, recipe.model.in_chans
     )
-    datamodule = _datamodule(recipe, mean, std, found)
+    datamodule = _datamodule(recipe, mean, std, found, run_dir)
     task = MaeTask(recipe, encoder, run_dir=run_dir, mean=mean, std=std)
     return Assembly(
         task, datamodule, report, found.classes, mean, std, export_name="encoder.safetensors"
@@ -122,7 +126,7 @@ def build_distill(recipe: Recipe, found: SplitSamples, run_dir: Path | None) -> 
         student, recipe.data.mean, recipe.data.std, recipe.model.in_chans
     )
     teacher = build_teacher(recipe.distill.teacher, classes, recipe.model.in_chans, mean, std)
-    datamodule = _datamodule(recipe, mean, std, found)
+    datamodule = _datamodule(recipe, mean, std, found, run_dir)
     callbacks = freeze_for_recipe(student, recipe)
     task = DistillationTask(recipe, student, teacher, classes, run_dir)
     return Assembly(task, datamodule, report, classes, mean, std, callbacks=callbacks)

@@ -209,6 +209,8 @@ def _fit_into(
         ckpt_path=recipe.trainer.resume_from,
         weights_only=True,  # checkpoints hold tensors and plain data only
     )
+    if trainer.is_global_zero and (corrupt := assembly.datamodule.corrupt_report()):
+        log(corrupt)
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
     score = checkpoint.best_model_score
     result.best_score = float(score) if score is not None else None

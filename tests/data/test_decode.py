@@ -6,6 +6,11 @@ References are PIL (for what PIL reads and writes faithfully) and a hand-written
 
 from __future__ import annotations
 
+import os
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -14,7 +19,7 @@ import pytest
 from helpers import write_png
 from PIL import Image
 
-from vittune.data.decode import read_image, scale_intensity
+from vittune.data.decode import check_image, image_size, read_image, scale_intensity
 from vittune.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -141,3 +146,112 @@ def test_float_and_constant_images_scale_safely() -> None:
     assert scale_intensity(np.full((2, 2), 7, np.uint16), "minmax").max() == 0.0  # no 0 / 0
     floats = np.array([[0.0, 0.5], [2.0, 4.0]], dtype=np.float32)
     np.testing.assert_allclose(scale_intensity(floats), floats / 4.0)
+
+
+def write_bomb_png(path: Path, side: int = 20000) -> Path:
+    """A real decompression bomb: an 8-bit grey PNG of side x side zeros, deflated to ~0.4 MB.
+
+    Written row block by row block, so the test never holds the 400 MB of pixels itself.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    deflate, rows = zlib.compressobj(9), bytes((side + 1) * 100)  # filter byte 0 + pixels
+    idat = b"".join(deflate.compress(rows) for _ in range(side // 100)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# Decodes the file in a fresh process and reports its peak memory. The address space is capped
+# at 2 GiB so that, should the pixel limit ever stop working, the test fails instead of the
+# machine paying the 6 GB that decoding this bomb to float32 RGB costs (measured: 6.3 GB RSS).
+DECODE_IN_A_FRESH_PROCESS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from vittune.data.decode import read_image
+from vittune.errors import DataError
+try:
+    read_image(sys.argv[1], in_chans=3)
+    print("decoded")
+except DataError as err:
+    print(err)
+# Peak RSS of this address space: getrusage's ru_maxrss would include the (large) pytest
+# process this one was forked from, as Linux keeps it across exec.
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmHWM"].split()[0]) // 1024)  # KiB -> MiB
+"""
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_with_little_memory(
+    tmp_path: Path,
+) -> None:
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 500_000  # 400 MB of pixels in under 0.5 MB
+    assert image_size(bomb) == (20000, 20000)
+    result = subprocess.run(
+        [sys.executable, "-c", DECODE_IN_A_FRESH_PROCESS, str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
+    message, peak_mib = result.stdout.strip().splitlines()
+    assert message.startswith(f"{bomb} declares 20000 x 20000 pixels (400 MP)"), message
+    assert "data.max_image_pixels (89,478,485)" in message
+    assert int(peak_mib) < 500, f"peak RSS {peak_mib} MiB: the bomb was decoded"
+    with pytest.raises(DataError, match="decompression bomb"):
+        check_image(bomb)
+
+
+def test_the_pixel_limit_is_exact_and_can_be_turned_off(tmp_path: Path) -> None:
+    path = write_png(tmp_path / "wide.png", RNG.integers(0, 256, (50, 100), dtype=np.uint8))
+    assert read_image(path, in_chans=1, max_pixels=5000).shape == (50, 100, 1)  # 100 x 50: at it
+    with pytest.raises(DataError, match="100 x 50 pixels .* data.max_image_pixels \\(4,999\\)"):
+        read_image(path, in_chans=1, max_pixels=4999)
+    with pytest.raises(DataError, match="raise data.max_image_pixels"):
+        check_image(path, max_pixels=4999)
+    for unlimited in (None, 0):
+        check_image(path, max_pixels=unlimited)
+        assert read_image(path, in_chans=1, max_pixels=unlimited).shape == (50, 100, 1)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "dtype", "channels"),
+    [
+        (".png", np.uint16, 3),
+        (".jpg", np.uint8, 3),
+        (".tif", np.int16, 1),
+        (".bmp", np.uint8, 3),
+        (".webp", np.uint8, 3),
+    ],
+)
+def test_image_size_reads_the_header_of_every_suffix(
+    tmp_path: Path, suffix: str, dtype: type, channels: int
+) -> None:
+    path = tmp_path / f"image{suffix}"
+    assert cv2.imwrite(str(path), np.zeros((13, 29, channels), dtype=dtype).squeeze())
+    assert image_size(path) == (29, 13)  # (width, height), as the header declares them
+
+
+def test_files_pil_cannot_parse_are_decoded_to_check_them(tmp_path: Path) -> None:
+    # OpenCV writes and reads float RGB TIFFs; PIL does not know them, so the header check
+    # falls back to decoding them (and still applies the pixel limit), and refuses non-images.
+    floats = tmp_path / "float.tif"
+    assert cv2.imwrite(str(floats), RNG.random((6, 5, 3)).astype(np.float32))
+    assert image_size(floats) is None
+    check_image(floats)
+    with pytest.raises(DataError, match="5 x 6 pixels"):
+        check_image(floats, max_pixels=29)
+    with pytest.raises(DataError, match="5 x 6 pixels"):
+        read_image(floats, max_pixels=29)
+    for name, content in [("text.png", b"not an image"), ("cut.png", b"\x89PNG\r\n\x1a\n\0\0")]:
+        (tmp_path / name).write_bytes(content)
+        assert image_size(tmp_path / name) is None
+        with pytest.raises(DataError, match="corrupt or not an image"):
+            check_image(tmp_path / name)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from helpers import write_png
 
-from vittune.data.transforms import build_eval_transform, build_train_transform
+from vittune.data.decode import read_image
+from vittune.data.transforms import (
+    build_eval_transform,
+    build_train_transform,
+    seed_augmentation,
+)
 from vittune.errors import RecipeError
 from vittune.recipe.schema import AugmentConfig
 
@@ -80,3 +88,61 @@ def test_bad_explicit_transforms_are_recipe_errors(spec: dict, expected: str) ->
     with pytest.raises(RecipeError) as info:
         build_train_transform(cfg, 8, (0.0,), (1.0,))
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def twelve_bit_scans(folder: Path, count: int) -> list[np.ndarray]:
+    """Smooth anatomy-like 12-bit images (levels 0..4095) stored in 16-bit PNGs, decoded the
+    default way (`intensity: dtype`), so they use 1/16 of [0, 1]."""
+    rows, cols = np.mgrid[0:40, 0:40] / 40.0
+    images = []
+    for k in range(count):
+        body = np.exp(-((rows - 0.5) ** 2 + (cols - 0.4 - 0.02 * k) ** 2) / 0.08)
+        levels = np.round(4095 * (0.15 + 0.8 * body * (0.7 + 0.3 * rows))).astype(np.uint16)
+        images.append(read_image(write_png(folder / f"scan{k}.png", levels), in_chans=1))
+    assert max(float(i.max()) for i in images) <= 4095 / 65535
+    return images
+
+
+def test_medical_preset_keeps_12bit_scans_in_16bit_files_informative(tmp_path: Path) -> None:
+    # Albumentations shifts brightness by up to 0.1 of full scale (1.0 for floats): on 12-bit
+    # data that wiped an image to a constant in about 1 draw of 10. The preset now works in
+    # each image's own range.
+    medical = build_train_transform(AugmentConfig(preset="medical"), 32, (0.0,), (1.0,))
+    seed_augmentation(medical, np.random.SeedSequence(0))
+    for image in twelve_bit_scans(tmp_path, 4):
+        for _ in range(100):
+            out = medical(image=image)["image"].numpy()
+            assert out.std() > 0.1 * image.std()  # never a constant, never flattened
+            # dim stays dim: nothing brighter than the image was (the affine fills borders with 0)
+            assert out.min() >= 0.0 and out.max() <= image.max() + 1e-6
+
+
+def test_medical_preset_treats_a_12bit_scan_like_its_full_range_twin(tmp_path: Path) -> None:
+    # Same random draws, same image at two scales: the outputs differ only by that scale, so
+    # every structure the full-range image keeps, the 12-bit one keeps too (and 8-bit and
+    # full-range 16-bit images are augmented as albumentations always did).
+    pipelines = [
+        build_train_transform(AugmentConfig(preset="medical"), 32, (0.0,), (1.0,)) for _ in "ab"
+    ]
+    for k, scan in enumerate(twelve_bit_scans(tmp_path, 3)):
+        full = scan * np.float32(65535 / 4095)
+        for draw in range(20):
+            for pipeline in pipelines:
+                seed_augmentation(pipeline, np.random.SeedSequence([k, draw]))
+            dim = pipelines[0](image=scan)["image"].numpy()
+            bright = pipelines[1](image=full)["image"].numpy()
+            np.testing.assert_allclose(dim * (65535 / 4095), bright, atol=1e-5)
+            assert np.corrcoef(dim.ravel(), bright.ravel())[0, 1] > 0.9999
+
+
+def test_seeded_pipelines_repeat_and_seeds_differ() -> None:
+    image = RNG.random((32, 32, 3)).astype(np.float32)
+    outputs = {}
+    for seed in (0, 0, 1):
+        strong = build_train_transform(AugmentConfig(preset="strong"), 16, (0.0,) * 3, (1.0,) * 3)
+        seed_augmentation(strong, np.random.SeedSequence(seed))
+        outputs.setdefault(seed, []).append(
+            torch.stack([strong(image=image)["image"] for _ in "abcd"])
+        )
+    torch.testing.assert_close(outputs[0][0], outputs[0][1], rtol=0, atol=0)
+    assert not torch.equal(outputs[0][0], outputs[1][0])

@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
+import tempfile
+import uuid
 from collections import Counter
+from functools import partial
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader, get_worker_info
 
 from vittune.data.builtin import BUILTIN
 from vittune.data.datasets import (
+    CorruptLog,
     ImageDataset,
+    SkipCorrupt,
     SplitSamples,
+    drop_unreadable,
     scan_csv,
     scan_folder,
     stratified_split,
 )
-from vittune.data.transforms import build_eval_transform, build_train_transform
+from vittune.data.transforms import build_eval_transform, build_train_transform, seed_augmentation
 from vittune.errors import DataError
 from vittune.recipe.schema import AugmentConfig, DataConfig
 
 
 def scan_sources(cfg: DataConfig) -> SplitSamples:
-    """Find samples from the one configured source and make sure a validation split exists."""
+    """Find samples from the one configured source, leave out unreadable files, then make sure
+    a validation split exists (so the split is that of the same data without those files)."""
     if cfg.builtin:
         found = scan_folder(BUILTIN[cfg.builtin](), labelled=cfg.labelled)
     elif cfg.csv:
         found = scan_csv(cfg.csv, multi_label=cfg.multi_label, labelled=cfg.labelled)
     else:
         found = scan_folder(cfg.root, labelled=cfg.labelled)
+    drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
     if "val" not in found.splits:
         train, val = stratified_split(found.splits["train"], cfg.val_fraction, cfg.split_seed)
         if not val:
@@ -51,6 +62,19 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
     return found
 
 
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader `worker_init_fn`: seed the worker's augmentation from its torch seed and rank.
+
+    A worker's torch seed is the loader's base seed (drawn from the seeded global generator
+    for every new set of workers) plus its id, so workers differ from each other, persistent
+    workers continue their own streams from epoch to epoch, and a run with the same
+    `trainer.seed` repeats exactly. The rank keeps DDP processes apart.
+    """
+    pl_worker_init_function(worker_id, rank)  # what Lightning does when no worker_init_fn is set
+    info = get_worker_info()
+    seed_augmentation(info.dataset.transform, np.random.SeedSequence([info.seed, rank]))
+
+
 class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -61,6 +85,7 @@ class ImageDataModule(L.LightningDataModule):
         std: tuple[float, ...],
         in_chans: int,
         found: SplitSamples | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -69,6 +94,15 @@ class ImageDataModule(L.LightningDataModule):
         self.train_transform = build_train_transform(augment, img_size, mean, std)
         self.eval_transform = build_eval_transform(img_size, mean, std)
         self.in_chans = in_chans
+        self.even_batches = augment.mixup_alpha + augment.cutmix_alpha > 0
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        # Workers report files that fail to decode here (see CorruptLog); without a run folder
+        # (a notebook, a test) a file of its own in the temporary folder.
+        self.corrupt_log = CorruptLog(
+            self.run_dir / ".corrupt_decode.log"
+            if self.run_dir is not None
+            else Path(tempfile.gettempdir()) / f"vittune-corrupt-{uuid.uuid4().hex}.log"
+        )
 
     def class_counts(self) -> torch.Tensor:
         """Training images per class (for balanced class weights)."""
@@ -88,19 +122,28 @@ class ImageDataModule(L.LightningDataModule):
             intensity=self.cfg.intensity,
             multi_label=self.cfg.multi_label,
             on_corrupt=self.cfg.on_corrupt,
+            max_pixels=self.cfg.max_image_pixels,
+            corrupt_log=self.corrupt_log,
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch = self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size)
         workers = self.cfg.num_workers
+        dataset = self.dataset(split, train=train)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if workers == 0:  # augmentation runs in this process: seed it from the seeded torch RNG
+            draw = int(torch.randint(0, 2**62, ()).item())
+            seed_augmentation(dataset.transform, np.random.SeedSequence([draw, rank]))
         return DataLoader(
-            self.dataset(split, train=train),
+            dataset,
             batch_size=batch,
             shuffle=train,
             drop_last=train and len(self.found.splits[split]) > batch,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=partial(seed_worker, rank=rank),
+            collate_fn=SkipCorrupt(even=train and self.even_batches),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -111,3 +154,22 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+    def corrupt_report(self, shown: int = 3) -> str | None:
+        """Summarise every file left out of the run (at setup or when decoding) and write the
+        full list to `<run_dir>/corrupt_files.txt`; None when every file was read."""
+        left_out = {**self.found.refused, **self.corrupt_log.read()}
+        if not left_out:
+            return None
+        paths = sorted(left_out)
+        where = ""
+        if self.run_dir is not None:
+            listing = self.run_dir / "corrupt_files.txt"
+            listing.write_text("".join(f"{p}\t{left_out[p]}\n" for p in paths))
+            where = f"; all listed in {listing}"
+        refused, failed = len(self.found.refused), len(set(left_out) - set(self.found.refused))
+        first = ", ".join(str(p) for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
+        return (
+            f"  corrupt files: {len(paths)} left out ({refused} unreadable at setup, not in any "
+            f"split; {failed} failed to decode, dropped from their batches): {first}{where}"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 import warnings
 from collections import defaultdict
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from vittune.data.decode import IMAGE_SUFFIXES, read_image
+from vittune.data.decode import IMAGE_SUFFIXES, check_image, read_image
 from vittune.errors import DataError
+from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
 
 SPLITS = ("train", "val", "test")
 
@@ -28,10 +30,38 @@ class Sample:
 
 @dataclass
 class SplitSamples:
-    """Everything the data module needs: class names and samples per split."""
+    """Everything the data module needs: class names, samples per split, and files left out."""
 
     classes: list[str]
     splits: dict[str, list[Sample]] = field(default_factory=dict)
+    refused: dict[Path, str] = field(default_factory=dict)  # path -> why it cannot be used
+
+
+def drop_unreadable(
+    found: SplitSamples, max_pixels: int | None, on_corrupt: str = "skip"
+) -> SplitSamples:
+    """Check every file's header and take the unusable ones out of every split.
+
+    Runs before splits are made or counted, so a corrupt file takes no validation slot and
+    is in no split size. Only headers are read (non-images, truncated headers and
+    decompression bombs are caught); pixel data that fails later is dropped by `SkipCorrupt`.
+    """
+    for split, entries in found.splits.items():
+        kept, reasons = [], []
+        for sample in entries:
+            try:
+                check_image(sample.path, max_pixels)
+            except DataError as err:
+                if on_corrupt == "error":
+                    raise DataError(f"{err} (data.on_corrupt: error)") from None
+                found.refused[sample.path] = str(err)
+                reasons.append(str(err))
+                continue
+            kept.append(sample)
+        if entries and not kept:
+            raise DataError(f"no image of the {split} split can be read; the first: {reasons[0]}")
+        found.splits[split] = kept
+    return found
 
 
 def _images_under(folder: Path, recursive: bool = False) -> list[Path]:
@@ -173,8 +203,35 @@ def stratified_split(
     return train, val
 
 
+class CorruptLog:
+    """Files that failed to decode, collected from every DataLoader worker process.
+
+    Workers are separate processes that share nothing with the main one, so each failure is
+    appended as one line to a file: `O_APPEND` writes of a short line are atomic, so lines
+    from several workers (and DDP ranks) never interleave.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, image: Path, reason: str) -> None:
+        line = f"{image}\t{' '.join(reason.split())}\n".encode()
+        handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(handle, line)
+        finally:
+            os.close(handle)
+
+    def read(self) -> dict[Path, str]:
+        """path -> reason, each file once (a file fails again in every epoch)."""
+        if not self.path.is_file():
+            return {}
+        lines = self.path.read_text().splitlines()
+        return {Path(p): r for p, _, r in (line.partition("\t") for line in lines)}
+
+
 class ImageDataset(Dataset):
-    """Decodes one sample per index; a corrupt file is skipped (with a warning) or raises."""
+    """Decodes one sample per index; a corrupt file gives `None` (for `SkipCorrupt`) or raises."""
 
     def __init__(
         self,
@@ -185,6 +242,8 @@ class ImageDataset(Dataset):
         intensity: str = "dtype",
         multi_label: bool = False,
         on_corrupt: str = "skip",
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        corrupt_log: CorruptLog | None = None,
     ) -> None:
         self.samples = samples
         self.num_classes = num_classes
@@ -193,6 +252,9 @@ class ImageDataset(Dataset):
         self.intensity = intensity
         self.multi_label = multi_label
         self.on_corrupt = on_corrupt
+        self.max_pixels = max_pixels
+        self.corrupt_log = corrupt_log
+        self._warned: set[Path] = set()  # per process: one warning per file, not per epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -205,24 +267,46 @@ class ImageDataset(Dataset):
         return torch.tensor(sample.labels[0] if sample.labels else -1)
 
     def load(self, index: int) -> np.ndarray:
-        return read_image(self.samples[index].path, self.in_chans, self.intensity)
+        return read_image(self.samples[index].path, self.in_chans, self.intensity, self.max_pixels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        for attempt in range(len(self.samples)):
-            current = (index + attempt) % len(self.samples)
-            try:
-                pixels = self.load(current)
-            except DataError as err:
-                if self.on_corrupt == "error":
-                    raise
-                warnings.warn(
-                    f"{err} (skipped; set data.on_corrupt: error to stop instead)", stacklevel=2
-                )
-                continue
-            image = (
-                self.transform(image=pixels)["image"]
-                if self.transform
-                else torch.from_numpy(pixels).permute(2, 0, 1)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        sample = self.samples[index]
+        try:
+            pixels = self.load(index)
+        except DataError as err:
+            if self.on_corrupt == "error":
+                raise
+            if self.corrupt_log is not None:
+                self.corrupt_log.add(sample.path, str(err))
+            if sample.path not in self._warned:
+                self._warned.add(sample.path)
+                warnings.warn(f"{err} (left out of its batch)", stacklevel=2)
+            return None
+        image = (
+            self.transform(image=pixels)["image"]
+            if self.transform
+            else torch.from_numpy(pixels).permute(2, 0, 1)
+        )
+        return image, self.target(sample)
+
+
+class SkipCorrupt:
+    """DataLoader `collate_fn`: leave out the samples that failed to decode, collate the rest.
+
+    The batch gets smaller instead of taking a copy of another image, so a corrupt
+    validation image is not replaced by a duplicate that would be scored twice.
+    """
+
+    def __init__(self, even: bool = False) -> None:
+        self.even = even  # mixup/cutmix pair images within a batch: keep its size even
+
+    def __call__(self, items: list) -> object:
+        kept = [item for item in items if item is not None]
+        if self.even and len(kept) % 2:
+            kept = kept[:-1]
+        if not kept:
+            raise DataError(
+                f"none of the {len(items)} images of a batch could be decoded; remove the corrupt "
+                "files named in the warnings, or set data.on_corrupt: error to stop at the first"
             )
-            return image, self.target(self.samples[current])
-        raise DataError("no image in this split could be decoded; check the data folder")
+        return default_collate(kept)

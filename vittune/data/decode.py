@@ -6,14 +6,20 @@ without converting them to 8 bits; PIL silently drops 16-bit RGB to 8 bits.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from vittune.errors import DataError
+from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+# PIL's readers for the formats of IMAGE_SUFFIXES (found by content, as OpenCV does).
+_HEADER_READERS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 
 # ITU-R BT.601 luma weights, the same that PIL's convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -59,13 +65,79 @@ def match_channels(pixels: np.ndarray, in_chans: int) -> np.ndarray:
     )
 
 
-def read_image(path: str | Path, in_chans: int = 3, intensity: str = "dtype") -> np.ndarray:
-    """Decode any PNG/JPEG/TIFF/BMP (8 or 16 bit, grey, RGB, RGBA, palette) to float32 [H, W, C]."""
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) as the file's header declares it, read without decoding a pixel.
+
+    None when PIL cannot parse the header: not an image, a truncated header, or one of the
+    few formats OpenCV decodes and PIL does not (float RGB and float64 TIFFs).
+    """
+    # PIL reads headers lazily, but `Image.open` also applies PIL's own process-wide pixel
+    # limit (`Image.MAX_IMAGE_PIXELS`), which would override `data.max_image_pixels`; so the
+    # registered format readers are called directly, as `Image.open` does, minus that check.
+    Image.init()
+    with open(path, "rb") as handle:
+        prefix = handle.read(16)
+        for name in _HEADER_READERS:
+            factory, accept = Image.OPEN.get(name, (None, None))
+            if factory is None or (accept is not None and accept(prefix) is not True):
+                continue
+            handle.seek(0)
+            try:
+                return factory(handle, str(path)).size
+            except (SyntaxError, OSError, ValueError, IndexError, TypeError, struct.error):
+                continue  # not this format (or a broken header): try the next reader
+    return None
+
+
+def check_pixel_count(path: str | Path, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse images larger than `data.max_image_pixels` (decompression bombs)."""
+    if max_pixels and width * height > max_pixels:
+        raise DataError(
+            f"{path} declares {width} x {height} pixels ({width * height / 1e6:.0f} MP), more than "
+            f"data.max_image_pixels ({max_pixels:,}); a decompression bomb or a genuine large image: "
+            "raise data.max_image_pixels (null turns the limit off) if you trust the file"
+        )
+
+
+def _decode(path: str | Path) -> np.ndarray:
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
         raise DataError(
             f"cannot decode image {path}: the file is corrupt or not an image; replace or remove it"
         )
+    return pixels
+
+
+def check_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Raise `DataError` unless `path` looks decodable and within the pixel limit.
+
+    Reads only the header where PIL knows the format (cheap: catches non-images, truncated
+    headers and decompression bombs); other files are decoded once to find out.
+    """
+    size = image_size(path)
+    if size is None:
+        pixels = _decode(path)
+        size = pixels.shape[1], pixels.shape[0]
+    check_pixel_count(path, *size, max_pixels)
+
+
+def read_image(
+    path: str | Path,
+    in_chans: int = 3,
+    intensity: str = "dtype",
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """Decode any PNG/JPEG/TIFF/BMP (8 or 16 bit, grey, RGB, RGBA, palette) to float32 [H, W, C].
+
+    The pixel count declared in the header is checked before decoding, so a small file that
+    inflates to gigabytes is refused without allocating them.
+    """
+    size = image_size(path)
+    if size is not None:
+        check_pixel_count(path, *size, max_pixels)
+    pixels = _decode(path)
+    if size is None:  # no header PIL could read: check what OpenCV decoded
+        check_pixel_count(path, pixels.shape[1], pixels.shape[0], max_pixels)
     if pixels.ndim == 3 and pixels.shape[2] >= 3:
         order = [2, 1, 0, 3] if pixels.shape[2] == 4 else [2, 1, 0]
         pixels = pixels[:, :, order]  # OpenCV decodes to BGR(A)

@@ -7,13 +7,58 @@ transforms that work on float images of 1 or 3 channels (no uint8-only ops).
 from __future__ import annotations
 
 import difflib
+import random
 import warnings
+from typing import Any
 
 import albumentations as A
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from vittune.errors import RecipeError
 from vittune.recipe.schema import AugmentConfig
+
+
+class InImageRange(A.Sequential):
+    """Apply intensity transforms to the image stretched to [0, 1], then map it back.
+
+    Albumentations scales brightness shifts, noise and gamma to the dtype's full range (1.0 for
+    float images), which is right for 8-bit and full-range 16-bit images but not for 12-bit
+    data in 16-bit files (values up to 4095 / 65535): a brightness shift of 0.1 of full scale
+    is 1.6 times the whole image's range and clips it to a constant. Albumentations has no
+    option to work relative to an image's own range, hence this wrapper. Full-range images
+    are transformed as before; the result stays inside the image's original [min, max], so a
+    dim image stays dim (`data.intensity: dtype` keeps its meaning).
+    """
+
+    def __init__(self, transforms: list[A.BasicTransform]) -> None:
+        super().__init__(transforms, p=1.0)
+
+    def __call__(self, *args: Any, force_apply: bool = False, **data: Any) -> dict[str, Any]:
+        image = data["image"]
+        low, high = float(image.min()), float(image.max())
+        if high <= low:  # a constant image has no range to work in
+            return data
+        data["image"] = (image - low) / (high - low)
+        data = super().__call__(*args, force_apply=force_apply, **data)
+        data["image"] = (data["image"] * (high - low) + low).astype(np.float32)
+        return data
+
+
+def seed_augmentation(transform: A.BaseCompose | None, seed: np.random.SeedSequence) -> None:
+    """Give a pipeline its own random streams, derived from `seed`.
+
+    Albumentations 2 draws from generators it keeps itself, so `torch.manual_seed` and
+    Lightning's `seed_everything` do not reach it. One numpy and one Python generator are
+    shared by every transform of the pipeline (`set_random_state`), rather than one per
+    transform seeded alike (`set_random_seed(int)`), whose draws would be identical.
+    """
+    if transform is None:
+        return
+    numpy_seed, python_seed = seed.spawn(2)
+    transform.set_random_state(
+        np.random.default_rng(numpy_seed), random.Random(int(python_seed.generate_state(1)[0]))
+    )
 
 
 def _size(img_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -53,13 +98,18 @@ def _preset(name: str, height: int, width: int) -> list[A.BasicTransform]:
         ]
     if name == "medical":
         # Mild geometry (anatomy keeps its orientation: no flips) and intensity changes that
-        # mimic acquisition differences between scanners.
+        # mimic acquisition differences between scanners, relative to each image's own range
+        # (12-bit scanners store their data in 16-bit files).
         return [
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), p=0.7),
             crop(size=(height, width), scale=(0.8, 1.0), ratio=(0.9, 1.1)),
-            A.RandomBrightnessContrast(0.1, 0.1, p=0.5),
-            A.RandomGamma(gamma_limit=(85, 115), p=0.5),
-            A.GaussNoise(std_range=(0.0, 0.02), p=0.3),
+            InImageRange(
+                [
+                    A.RandomBrightnessContrast(0.1, 0.1, p=0.5),
+                    A.RandomGamma(gamma_limit=(85, 115), p=0.5),
+                    A.GaussNoise(std_range=(0.0, 0.02), p=0.3),
+                ]
+            ),
         ]
     raise RecipeError(f"unknown augment.preset {name!r}; use none, light, strong or medical")
 

@@ -44,6 +44,10 @@ class ModelConfig(Section):
     _img_size = field_validator("img_size", mode="before")(image_size_pair)
 
 
+# PIL's default `Image.MAX_IMAGE_PIXELS`: a quarter GiB of 8-bit RGB.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
 class DataConfig(Section):
     """Where images come from and how they are decoded and batched."""
 
@@ -64,6 +68,8 @@ class DataConfig(Section):
     mean: tuple[float, ...] | None = None  # None: the backbone's pretrained config
     std: tuple[float, ...] | None = None
     on_corrupt: Literal["skip", "error"] = "skip"
+    # refuse images whose header declares more pixels (decompression bombs); null or 0: no limit
+    max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=0)
     labelled: bool = True  # false: a folder of images without class sub-folders (MAE)
 
 
