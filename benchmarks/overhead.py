@@ -27,8 +27,6 @@ import argparse
 import itertools
 import logging
 import math
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -42,11 +40,13 @@ import lightning as L
 import timm
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is on sys.path)
+from results_md import RESULTS, machine, write_section  # noqa: E402 (benchmarks/ is on sys.path)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MetricCollection
 
-from vittune.models.backbone import create_backbone
+from vittune.assembly import build
+from vittune.data.datasets import SplitSamples
 from vittune.recipe.schema import Recipe
 from vittune.run import build_trainer, monitor_of
 from vittune.tasks.classification import ClassificationTask
@@ -212,35 +212,24 @@ def _drop_loggers(trainer: L.Trainer, task: ClassificationTask) -> None:
     _drop_callbacks(LearningRateMonitor)(trainer, task)
 
 
-def _step_logging_only_loss(trainer: L.Trainer, task: ClassificationTask) -> None:
-    def training_step(batch, batch_idx):  # ClassificationTask's step minus the train accuracy
-        images, targets = batch
-        loss = task.train_loss(task(images), targets)
-        task.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images)
-        )
-        return loss
-
-    task.training_step = training_step
+def _without_train_accuracy(trainer: L.Trainer, task: ClassificationTask) -> None:
+    task.train_metrics = MetricCollection({})  # update() and compute() become no-ops
 
 
 def _lightning_alone(trainer: L.Trainer, task: ClassificationTask) -> None:
-    def training_step(batch, batch_idx):  # nothing logged at all
-        images, targets = batch
-        return task.train_loss(task(images), targets)
-
-    task.training_step = training_step
+    _without_train_accuracy(trainer, task)
+    task.log = lambda *args, **kwargs: None  # the task's own step, with nothing logged
     _drop_loggers(trainer, task)
     _drop_callbacks(ProgressBar)(trainer, task)
 
 
-# What `--breakdown` changes on the vittune side, one at a time, to say what costs what.
-# The monkeypatched steps copy ClassificationTask.training_step minus one part.
+# What `--breakdown` changes on the vittune side, one at a time, to say what costs what. Each
+# switches a part off on the task and Trainer vittune built; none re-writes the task's step.
 ABLATIONS: dict[str, Change] = {
     "without progress bar": _drop_callbacks(ProgressBar),
     "without LearningRateMonitor": _drop_callbacks(LearningRateMonitor),
     "without CSV logger (and LR monitor)": _drop_loggers,
-    "without train accuracy": _step_logging_only_loss,
+    "without train accuracy": _without_train_accuracy,
     "Lightning alone (no self.log, loggers, bar)": _lightning_alone,
 }
 
@@ -274,9 +263,9 @@ def run_vittune(
         run_dir.mkdir()
         recipe = vittune_recipe(cfg, total, Path(tmp))
         torch.manual_seed(seed)
-        model, _ = create_backbone(recipe.model, num_classes=cfg.num_classes)
         classes = [f"class{i}" for i in range(cfg.num_classes)]
-        task = ClassificationTask(recipe, model, classes, None, run_dir)
+        in_memory = SplitSamples(classes=classes, splits={"train": [], "val": []})
+        task = build(recipe, "finetune", run_dir, found=in_memory).task
         clock = StepClock(PlainLoop(cfg, seed) if paired else None)
         trainer, _, _ = build_trainer(recipe, run_dir, monitor_of(recipe, task), [clock])
         if change is not None:
@@ -369,20 +358,6 @@ def breakdown_table(row: Row) -> str:
             f"| {row.ratio(name, CPU):.3f} | {statistics.median(overheads):+.2f} |"
         )
     return "\n".join(lines)
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{os.cpu_count()}-core CPU ({cpu}), {gpu}; torch {torch.__version__}, "
-        f"lightning {L.__version__}, timm {timm.__version__}, Python {platform.python_version()}"
-    )
 
 
 def main() -> None:

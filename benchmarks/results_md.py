@@ -24,7 +24,7 @@ def write_section(section: str, text: str) -> Path:
 
 
 def machine() -> str:
-    """The CPU's model name (Linux), its core count, and no GPU: these benchmarks run on CPU."""
+    """The CPU's model name (Linux), its core count, the GPU if any, and the library versions."""
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -34,4 +34,12 @@ def machine() -> str:
             if line.startswith("model name")
         ]
         name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} CPU cores, no GPU"
+    import lightning
+    import timm
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{name}, {os.cpu_count()} CPU cores, {gpu}; torch {torch.__version__}, lightning"
+        f" {lightning.__version__}, timm {timm.__version__}, Python {platform.python_version()}"
+    )
