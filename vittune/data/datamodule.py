@@ -6,6 +6,7 @@ from collections import Counter
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from vittune.data.builtin import BUILTIN
@@ -93,10 +94,17 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch = self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size)
         workers = self.cfg.num_workers
+        dataset = self.dataset(split, train=train)
+        # Evaluation under DDP: each process gets every world_size-th image and none twice.
+        # Lightning would add a DistributedSampler, which pads the last shard with repeated
+        # images that torchmetrics then counts; it keeps a DistributedSampler it finds here.
+        shards = None if train or self.trainer is None else self.trainer.distributed_sampler_kwargs
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards) if shards else None
         return DataLoader(
-            self.dataset(split, train=train),
+            dataset,
             batch_size=batch,
             shuffle=train,
+            sampler=sampler,
             drop_last=train and len(self.found.splits[split]) > batch,
             num_workers=workers,
             persistent_workers=workers > 0,
