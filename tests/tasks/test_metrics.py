@@ -150,14 +150,18 @@ def test_multilabel_auroc_is_nan_for_a_label_without_positives_or_negatives() ->
 
 
 def tiny_task(
-    num_classes: int, class_weights: list[float] | None = None, **recipe: dict
+    num_classes: int,
+    class_weights: list[float] | None = None,
+    multi_label: bool = False,
+    **recipe: dict,
 ) -> ClassificationTask:
     torch.manual_seed(0)
     model = timm.create_model(
         TINY_VIT["name"], num_classes=num_classes, in_chans=1, img_size=32, patch_size=8,
         **TINY_VIT["kwargs"],
     )  # fmt: skip
-    config = Recipe.model_validate({"data": {"builtin": "digits"}, **recipe})
+    data = {"builtin": "digits", "multi_label": multi_label}
+    config = Recipe.model_validate({"data": data, **recipe})
     classes = [f"c{i}" for i in range(num_classes)]
     weights = None if class_weights is None else torch.tensor(class_weights)
     return ClassificationTask(config, model, classes, weights)
@@ -187,6 +191,27 @@ def test_a_lightning_validation_logs_sklearn_numbers_every_epoch() -> None:
             assert logged[f"val/{name}"] == pytest.approx(value, abs=1e-5), name
         with torch.no_grad():  # other weights for the second epoch
             task.model.head.weight.add_(torch.randn_like(task.model.head.weight))
+
+
+def test_a_lightning_validation_logs_sklearn_numbers_for_multi_label() -> None:
+    task = tiny_task(4, multi_label=True)
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(23, 1, 32, 32, generator=generator)
+    targets = (torch.rand(23, 4, generator=generator) < 0.5).float()  # [N, L]
+    targets = targets[targets[:, 0].argsort(descending=True, stable=True)]
+    logged = validate(task, images, targets)
+    with torch.no_grad():
+        logits = task.eval()(images)  # [N, L]
+    y, probs = targets.long().numpy(), logits.sigmoid().numpy()
+    expected = {
+        "acc1": 1 - hamming_loss(y, probs > 0.5),
+        "f1": f1_score(y, probs > 0.5, average="macro", zero_division=0),
+        "auroc": roc_auc_score(y, probs, average="macro"),
+        "loss": F.binary_cross_entropy_with_logits(logits, targets).item(),
+    }
+    assert set(logged) == {f"val/{name}" for name in expected}
+    for name, value in expected.items():
+        assert logged[f"val/{name}"] == pytest.approx(value, abs=1e-5), name
 
 
 def test_an_undefined_metric_logs_nan_with_one_note_and_may_not_be_monitored() -> None:

@@ -10,7 +10,8 @@ the same predictions (tests/tasks/test_metrics.py):
     f1     f1_score(average="macro")       classes absent from targets and predictions are
                                            left out (multi-class) or count 0 (multi-label),
                                            as scikit-learn's defaults do
-    auroc  roc_auc_score(macro, "ovr")     NaN when it is undefined (see `undefined_labels`)
+    auroc  roc_auc_score(macro, "ovr")     NaN where it is undefined, as scikit-learn's
+                                           (see `UndefinedAsNaN`)
     loss   mean over images                of per-image losses, not a mean of batch means
 """
 
@@ -37,10 +38,10 @@ from vittune.errors import RecipeError
 class UndefinedAsNaN:
     """Mixin for torchmetrics' macro AUROCs: NaN, not 0, when a class lacks positives or negatives.
 
-    torchmetrics scores such a class 0 and averages it in (a one-class validation set logs
-    AUROC 0.0); scikit-learn refuses to compute it. We return NaN and record which classes were
-    missing in `undefined`, for the note `EvaluationMetrics` prints. Inside `compute` the
-    states are already gathered from every process.
+    torchmetrics scores such a class 0 and averages it in (a one-class validation set logged
+    AUROC 0.0); scikit-learn answers NaN with an UndefinedMetricWarning. So do we, and record
+    the classes at fault in `undefined` for the note `EvaluationMetrics` prints. Inside
+    `compute` the states are already gathered from every process.
     """
 
     undefined: list[int]
@@ -160,6 +161,6 @@ class EvaluationMetrics(nn.Module):
                 "so their ROC curve, and the macro AUROC, is undefined"
             )
         return (
-            f"classes {missing} have no {self.stage} image, so the macro one-vs-rest AUROC is "
-            "undefined (trainer.limit_val_batches keeps only the first batches, sorted by class)"
+            f"classes {missing} have no {self.stage} image, "
+            "so their one-vs-rest ROC curve, and the macro AUROC, is undefined"
         )
