@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import make_class_images, run_cli
-from helpers import column, held_out, read_metrics, tiny, write_recipe
+from helpers import ONE_THREAD, column, held_out, read_metrics, tiny, write_recipe
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, top_k_accuracy_score
+
+from vittune.recipe.load import load_recipe
+from vittune.assembly import build
 
 
 @pytest.mark.slow
@@ -47,3 +54,65 @@ def test_two_process_ddp_on_cpu_completes_a_fit(tmp_path: Path) -> None:
     rows = read_metrics(run_dir)
     assert max(column(rows, "step")) + 1 == 2 * steps_per_epoch
     assert len(column(rows, "val/acc1")) == 2
+
+
+def sklearn_scores(run_dir: Path) -> tuple[int, dict[str, float]]:
+    """(epoch, scores): scikit-learn on one process's predictions of the last checkpoint,
+    every validation image once."""
+    recipe = load_recipe(run_dir / "recipe.yaml", [], command="finetune")
+    assembly = build(recipe, "finetune", run_dir)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assembly.task.load_state_dict(checkpoint["state_dict"])
+    model = assembly.task.model.eval()
+    with torch.no_grad():
+        pairs = [(model(x), y) for x, y in assembly.datamodule.val_dataloader()]
+    logits = torch.cat([p for p, _ in pairs])  # [N, K]
+    targets = torch.cat([y for _, y in pairs])  # [N]
+    y, probs = targets.numpy(), logits.softmax(-1).numpy()
+    labels = np.arange(probs.shape[1])
+    return checkpoint["epoch"], {
+        "images": len(y),
+        "val/acc1": accuracy_score(y, probs.argmax(1)),
+        "val/acc5": top_k_accuracy_score(y, probs, k=5, labels=labels),
+        "val/f1": f1_score(y, probs.argmax(1), average="macro"),
+        "val/auroc": roc_auc_score(y, probs, multi_class="ovr", labels=labels),
+        "val/loss": F.cross_entropy(logits, targets).item(),
+    }
+
+
+@pytest.mark.slow
+def test_validation_numbers_are_one_process_numbers_at_any_number_of_processes(
+    tmp_path: Path,
+) -> None:
+    """21 validation images (7 classes x 3) on 2 processes: 11 and 10, none counted twice; a
+    first validation batch of one class. Logged numbers equal scikit-learn on the same weights."""
+    make_class_images(tmp_path / "data", {c: 15 for c in "abcdefg"}, size=32)
+    recipe = write_recipe(
+        tmp_path / "odd.yaml",
+        {
+            "data": {
+                "root": str(tmp_path / "data"),
+                "val_fraction": 0.2,
+                "batch_size": 8,
+                "eval_batch_size": 2,
+            }
+        },
+    )
+    for devices in (1, 2):
+        overrides = tiny(
+            f"trainer.strategy={'ddp' if devices > 1 else 'auto'}",
+            f"trainer.devices={devices}",
+            "trainer.max_epochs=2",
+            f"logging.name=ddp{devices}",
+        )
+        result = run_cli("finetune", str(recipe), *overrides, cwd=tmp_path, env=ONE_THREAD)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        run_dir = tmp_path / "runs" / f"ddp{devices}"
+        epoch, expected = sklearn_scores(run_dir)
+        assert expected.pop("images") == 7 * held_out(15, 0.2) == 21
+        logged = [
+            r for r in read_metrics(run_dir) if r.get("val/acc1") and int(r["epoch"]) == epoch
+        ]
+        assert len(logged) == 1
+        for name, value in expected.items():
+            assert float(logged[0][name]) == pytest.approx(value, abs=1e-5), (devices, name)

@@ -16,6 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.task import TokenDistillationTask
 from torch.utils.data import DataLoader, TensorDataset
@@ -315,6 +316,37 @@ def test_inference_averages_the_two_heads():
     assert torch.allclose(exported, got, atol=1e-6)
     probs = task.predict_step((images,), 0)
     assert torch.allclose(probs, got.softmax(dim=-1), atol=1e-6)
+
+
+def test_validation_logs_sklearn_numbers_for_the_prediction_each_head_and_the_teacher():
+    """Each per-head top-1 is its own metric: with torchmetrics' default compute groups two
+    heads that agree on the first batch would share one state from then on."""
+    task = DistillationTask(recipe("soft"), tiny_deit(), frozen(tiny_cnn()), CLASSES)
+    images, _ = batch(n=21, seed=3)
+    targets = torch.arange(21) * 3 // 21  # sorted by class, as vittune's loaders are
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    loader = DataLoader(TensorDataset(images, targets), batch_size=4)
+    logged = trainer.validate(task, loader, verbose=False)[0]
+    task.eval()
+    with torch.no_grad():
+        cls_logits, dist_logits = split_heads(task.model, images)
+        logits = (cls_logits + dist_logits) / 2  # [N, K] the prediction
+        teacher_logits = task.teacher(images)
+    y, probs = targets.numpy(), logits.softmax(-1).numpy()
+    expected = {
+        "val/acc1": accuracy_score(y, probs.argmax(1)),
+        "val/f1": f1_score(y, probs.argmax(1), average="macro"),
+        "val/auroc": roc_auc_score(y, probs, multi_class="ovr"),
+        "val/loss": F.cross_entropy(logits, targets).item(),
+        "val/acc1_cls": accuracy_score(y, cls_logits.argmax(1).numpy()),
+        "val/acc1_dist": accuracy_score(y, dist_logits.argmax(1).numpy()),
+        "val/acc1_teacher": accuracy_score(y, teacher_logits.argmax(1).numpy()),
+    }
+    assert set(logged) == set(expected)
+    for name, value in expected.items():
+        assert float(logged[name]) == pytest.approx(value, abs=1e-5), name
 
 
 # --- the teacher: class alignment, input conversion, weights -------------------------------

@@ -11,11 +11,8 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, top_k_accur
 from sklearn.utils.class_weight import compute_class_weight
 
 from vittune.recipe.schema import Recipe
-from vittune.tasks.classification import (
-    ClassificationTask,
-    balanced_class_weights,
-    classification_metrics,
-)
+from vittune.tasks.classification import ClassificationTask, balanced_class_weights
+from vittune.tasks.metrics import classification_metrics
 
 
 def test_balanced_class_weights_match_scikit_learn() -> None:
@@ -46,7 +43,8 @@ def test_weighted_smoothed_loss_matches_the_formula() -> None:
     torch.testing.assert_close(task.train_loss(logits, targets), expected)
     # evaluation loss stays plain cross-entropy: comparable across recipes
     torch.testing.assert_close(
-        task.eval_loss(logits, targets), torch.nn.functional.cross_entropy(logits, targets)
+        task.eval_loss(logits, targets),
+        torch.nn.functional.cross_entropy(logits, targets, reduction="none"),
     )
 
 

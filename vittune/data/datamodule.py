@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, get_worker_info
 
 from vittune.data.builtin import BUILTIN
@@ -134,10 +135,16 @@ class ImageDataModule(L.LightningDataModule):
         if workers == 0:  # augmentation runs in this process: seed it from the seeded torch RNG
             draw = int(torch.randint(0, 2**62, ()).item())
             seed_augmentation(dataset.transform, np.random.SeedSequence([draw, rank]))
+        # Evaluation under DDP: each process gets every world_size-th image and none twice.
+        # Lightning would add a DistributedSampler, which pads the last shard with repeated
+        # images that torchmetrics then counts; it keeps a DistributedSampler it finds here.
+        shards = None if train or self.trainer is None else self.trainer.distributed_sampler_kwargs
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards) if shards else None
         return DataLoader(
             dataset,
             batch_size=batch,
             shuffle=train,
+            sampler=sampler,
             drop_last=train and len(self.found.splits[split]) > batch,
             num_workers=workers,
             persistent_workers=workers > 0,

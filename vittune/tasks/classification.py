@@ -9,44 +9,42 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics import ConfusionMatrix, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassF1Score,
-    MultilabelAccuracy,
-    MultilabelAUROC,
-    MultilabelF1Score,
-)
 
 from vittune.plots import save_confusion_matrix
 from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
+from vittune.tasks.metrics import EvaluationMetrics, classification_metrics
 from vittune.tracking import log_image
-
-
-def classification_metrics(num_classes: int, multi_label: bool) -> MetricCollection:
-    """top-1 (and top-5 above 5 classes), macro F1 and macro AUROC."""
-    if multi_label:
-        return MetricCollection(
-            {
-                "acc1": MultilabelAccuracy(num_labels=num_classes),
-                "f1": MultilabelF1Score(num_labels=num_classes, average="macro"),
-                "auroc": MultilabelAUROC(num_labels=num_classes, average="macro"),
-            }
-        )
-    metrics = {
-        "acc1": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro"),
-        "f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
-        "auroc": MulticlassAUROC(num_classes=num_classes, average="macro"),
-    }
-    if num_classes > 5:
-        metrics["acc5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics)
 
 
 def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
     """n_samples / (n_classes * n_c), as scikit-learn's `class_weight='balanced'`."""
     return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+
+class WeightedSoftTargetCrossEntropy(nn.Module):
+    """Cross-entropy with class weights w [K] against soft targets y [B, K] (mixup, cutmix):
+
+        loss = sum_i sum_c w_c * y_ic * -log p_ic  /  sum_i sum_c w_c * y_ic
+
+    Numerator and denominator are linear in the target, so an image mixed lam : (1 - lam)
+    from classes a and b counts as lam of an image of a plus (1 - lam) of one of b. With
+    one-hot targets it is exactly `nn.CrossEntropyLoss(weight=w)` (which divides by the summed
+    weights of the true classes); with w = 1 it is timm's `SoftTargetCrossEntropy`. torch's
+    own weighted loss on probability targets divides by B instead, so it is neither, and timm
+    has no weighted version: hence this one. With label smoothing inside the targets (timm's
+    Mixup puts it there) the denominator also counts the smoothed mass, unlike torch's
+    `label_smoothing`, whose denominator counts the true classes only.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # the key torch's CrossEntropyLoss uses too
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        weighted = targets * self.weight  # [B, K]
+        nll = -(weighted * logits.float().log_softmax(dim=-1)).sum()
+        return nll / weighted.sum()
 
 
 class ClassificationTask(VitTask):
@@ -79,21 +77,30 @@ class ClassificationTask(VitTask):
                 label_smoothing=recipe.loss.label_smoothing,
                 num_classes=n,
             )
-            self.train_loss = SoftTargetCrossEntropy()
+            self.train_loss = (
+                SoftTargetCrossEntropy()
+                if class_weights is None
+                else WeightedSoftTargetCrossEntropy(class_weights)
+            )
         elif self.multi_label:
             self.train_loss = nn.BCEWithLogitsLoss(pos_weight=class_weights)
         else:
             self.train_loss = nn.CrossEntropyLoss(
                 weight=class_weights, label_smoothing=recipe.loss.label_smoothing
             )
-        self.eval_loss = nn.BCEWithLogitsLoss() if self.multi_label else nn.CrossEntropyLoss()
+        # Unweighted and per image (per image and label): EvaluationMetrics averages over images.
+        self.eval_loss = (
+            nn.BCEWithLogitsLoss(reduction="none")
+            if self.multi_label
+            else nn.CrossEntropyLoss(reduction="none")
+        )
 
     def configure_metrics(self) -> None:
         n = len(self.classes)
         metrics = classification_metrics(n, self.multi_label)
         self.train_metrics = MetricCollection({"acc1": metrics["acc1"].clone()}, prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_metrics = EvaluationMetrics(metrics, "val", self.classes)
+        self.test_metrics = EvaluationMetrics(metrics, "test", self.classes)
         self.val_confusion = (
             None if self.multi_label else ConfusionMatrix(task="multiclass", num_classes=n)
         )
@@ -129,30 +136,20 @@ class ClassificationTask(VitTask):
             self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
 
-    def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> torch.Tensor:
+    def _evaluate(self, batch, metrics: EvaluationMetrics) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
-        loss = self.eval_loss(logits.float(), targets)
         probs = self.probabilities(logits)
-        metrics.update(probs, targets.long() if self.multi_label else targets)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            prog_bar=True,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=len(images),
-        )
+        metrics.update(probs, targets, self.eval_loss(logits.float(), targets))
         return probs
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        probs = self._evaluate(batch, self.val_metrics, "val")
+        probs = self._evaluate(batch, self.val_metrics)
         if self.val_confusion is not None:
             self.val_confusion.update(probs.argmax(dim=-1), batch[1])
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
+        self.val_metrics.log(self, monitor=self.recipe.checkpoint.monitor)
         if self.val_confusion is None:
             return
         matrix = self.val_confusion.compute()
@@ -168,11 +165,10 @@ class ClassificationTask(VitTask):
         log_image(self.loggers, "val/confusion_matrix", path)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+        self._evaluate(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
+        self.test_metrics.log(self)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, list | tuple) else batch

@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vittune.errors import RecipeError
 from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
-from vittune.tasks.classification import classification_metrics
+from vittune.tasks.metrics import EvaluationMetrics, classification_metrics
 
 
 def has_distillation_head(model: nn.Module) -> bool:
@@ -135,21 +135,19 @@ class DistillationTask(VitTask):
             self.label_loss = SoftTargetCrossEntropy()
         else:
             self.label_loss = nn.CrossEntropyLoss(label_smoothing=recipe.loss.label_smoothing)
-        self.eval_loss = nn.CrossEntropyLoss()
+        self.eval_loss = nn.CrossEntropyLoss(reduction="none")  # per image, see EvaluationMetrics
 
     def configure_metrics(self) -> None:
         n = len(self.classes)
         metrics = classification_metrics(n, multi_label=False)
         self.train_metrics = MetricCollection({"acc1": metrics["acc1"].clone()}, prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
         # Top-1 of each head alone, and of the teacher (a wrong class alignment shows here).
         names = (["acc1_cls", "acc1_dist"] if self.two_heads else []) + (
             ["acc1_teacher"] if self.kind != "none" else []
         )
         heads = {name: MulticlassAccuracy(num_classes=n, average="micro") for name in names}
-        self.val_heads = MetricCollection(heads, prefix="val/") if heads else None
-        self.test_heads = self.val_heads.clone(prefix="test/") if heads else None
+        self.val_metrics = EvaluationMetrics(metrics, "val", self.classes, heads)
+        self.test_metrics = EvaluationMetrics(metrics, "test", self.classes, heads)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The prediction: the average of the two heads' logits [B, K]."""
@@ -191,48 +189,30 @@ class DistillationTask(VitTask):
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
-    def _evaluate(
-        self, batch: Any, metrics: MetricCollection, heads: MetricCollection | None, stage: str
-    ) -> torch.Tensor:
+    def _evaluate(self, batch: Any, metrics: EvaluationMetrics) -> torch.Tensor:
         images, targets = batch
         cls_logits, dist_logits = split_heads(self.model, images)
         logits = ((cls_logits + dist_logits) / 2).float()  # [B, K] the exported prediction
-        loss = self.eval_loss(logits, targets)
         probs = logits.softmax(dim=-1)
-        metrics.update(probs, targets)
-        if heads is not None and self.two_heads:
-            heads["acc1_cls"].update(cls_logits.float(), targets)
-            heads["acc1_dist"].update(dist_logits.float(), targets)
-        if heads is not None and self.kind != "none":
-            heads["acc1_teacher"].update(self.teacher(images).float(), targets)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            prog_bar=True,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=len(images),
-        )
+        metrics.update(probs, targets, self.eval_loss(logits, targets))
+        if self.two_heads:
+            metrics.extra["acc1_cls"].update(cls_logits.float(), targets)
+            metrics.extra["acc1_dist"].update(dist_logits.float(), targets)
+        if self.kind != "none":
+            metrics.extra["acc1_teacher"].update(self.teacher(images).float(), targets)
         return probs
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, self.val_heads, "val")
-
-    def _log_epoch(self, metrics: MetricCollection, heads: MetricCollection | None) -> None:
-        self.log_dict(metrics.compute(), prog_bar=True)
-        metrics.reset()
-        if heads is not None:
-            self.log_dict(heads.compute())
-            heads.reset()
+        self._evaluate(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch(self.val_metrics, self.val_heads)
+        self.val_metrics.log(self, monitor=self.recipe.checkpoint.monitor)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, self.test_heads, "test")
+        self._evaluate(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch(self.test_metrics, self.test_heads)
+        self.test_metrics.log(self)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, list | tuple) else batch
