@@ -72,3 +72,13 @@ def test_torch_tensors_and_multi_label_thresholds_are_accepted() -> None:
 def test_inconsistent_inputs_are_refused(probs, targets, message) -> None:
     with pytest.raises(ValueError, match=message):
         build_report(probs, targets, ["a", "b", "c"])
+
+
+def test_a_temperature_at_the_end_of_its_range_is_flagged() -> None:
+    targets = np.array([0, 1, 2, 0])
+    probs = np.full((4, 3), 0.1) + 0.7 * np.eye(3)[targets]  # all right: sharper is always better
+    report = build_report(probs, targets, ["a", "b", "c"], temperature=True)
+    assert report.temperature.at_bound
+    assert any("is no optimum" in note for note in report.notes)
+    probs, targets = case(n=400)
+    assert not build_report(probs, targets, ["a", "b", "c"], temperature=True).temperature.at_bound

@@ -19,8 +19,9 @@ DEFAULT_BINS = 15
 # Probabilities are clipped here before taking logs, so a hard 0 gives a finite logit.
 _EPS = 1e-12
 
-# Search range for log T; a temperature outside [1e-2, 1e2] means the scores are unusable.
-_LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
+# Search range for T; a best T outside it means the scores carry no usable confidence (or,
+# towards the low end, that every prediction is right and sharpening only ever helps).
+TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class TemperatureFit:
     """A temperature T fitted by minimising NLL of softmax(logits / T), with before/after."""
 
     temperature: float
+    at_bound: bool  # no interior minimum: an end of TEMPERATURE_RANGE fits as well as T
     nll_before: float
     nll_after: float
     ece_before: float
@@ -107,17 +109,21 @@ def fit_temperature(
     logits = logits.astype(np.float64)
     result = minimize_scalar(
         lambda log_t: nll(logits, targets, float(np.exp(log_t))),
-        bounds=_LOG_T_BOUNDS,
+        bounds=tuple(np.log(TEMPERATURE_RANGE)),
         method="bounded",
         options={"xatol": 1e-6},
     )
     temperature = float(np.exp(result.x))
+    nll_after = nll(logits, targets, temperature)
     before = np.exp(log_softmax(logits, axis=1))  # [N, K]
     after = np.exp(log_softmax(logits / temperature, axis=1))  # [N, K]
     return TemperatureFit(
         temperature=temperature,
+        # Separable data drive the NLL to 0 as T -> 0 (it underflows to exactly 0 on the way),
+        # so the "minimum" is wherever the search stopped; compare with the range's ends.
+        at_bound=min(nll(logits, targets, t) for t in TEMPERATURE_RANGE) <= nll_after + 1e-12,
         nll_before=nll(logits, targets),
-        nll_after=nll(logits, targets, temperature),
+        nll_after=nll_after,
         ece_before=expected_calibration_error(before, targets, n_bins),
         ece_after=expected_calibration_error(after, targets, n_bins),
     )

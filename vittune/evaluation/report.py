@@ -18,6 +18,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 
 from vittune.evaluation.calibration import (
     DEFAULT_BINS,
+    TEMPERATURE_RANGE,
     ReliabilityBins,
     TemperatureFit,
     fit_temperature,
@@ -166,6 +167,12 @@ def build_report(
         overall["ece"] = bins.ece
         if temperature:
             fit = fit_temperature(logits_from_probs(probs), targets, n_bins)
+            if fit.at_bound:
+                notes.append(
+                    f"the fitted temperature {fit.temperature:.4g} is no optimum: an end of the "
+                    f"searched range {TEMPERATURE_RANGE} fits as well (e.g. every prediction is "
+                    "right and sharpening only helps)"
+                )
             notes.append(
                 "the temperature was fitted on the evaluated data, so its 'after' numbers are "
                 "optimistic; fit on validation and apply to test"
