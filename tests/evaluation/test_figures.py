@@ -1,0 +1,59 @@
+"""Every figure is written as a PNG that reads back at a plausible size and is not blank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from vittune.evaluation.figures import (
+    save_confusion_figure,
+    save_mistakes_grid,
+    save_reliability_diagram,
+    save_roc_curves,
+)
+from vittune.evaluation.report import build_report
+
+
+def read_png(path: Path, min_side: int = 200) -> np.ndarray:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 5_000
+    pixels = mpimg.imread(path)  # [H, W, 4] float in [0, 1]
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_side
+    assert pixels[..., :3].std() > 0.05  # something was drawn
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def binary_report():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, 100)
+    p1 = np.clip(0.4 * targets + 0.6 * rng.random(100), 0.0, 1.0)
+    return build_report(np.stack([1 - p1, p1], axis=1), targets, ["benign", "malignant"])
+
+
+def test_confusion_figure_has_two_panels_even_with_an_absent_class(tmp_path: Path) -> None:
+    counts = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 0]])  # class c absent: a NaN row
+    path = save_confusion_figure(counts, ["a", "b", "c"], tmp_path / "out" / "confusion.png")
+    pixels = read_png(path)
+    assert pixels.shape[1] > 1.5 * pixels.shape[0]  # side by side
+
+
+def test_reliability_diagram_and_roc_curves(tmp_path: Path, binary_report) -> None:
+    read_png(save_reliability_diagram(binary_report.reliability, tmp_path / "reliability.png"))
+    read_png(save_roc_curves(binary_report.roc, tmp_path / "roc.png"))
+    with pytest.raises(ValueError, match="no ROC curves"):
+        save_roc_curves({}, tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mistakes_grid_grey_and_rgb(tmp_path: Path, channels: int) -> None:
+    images = np.random.default_rng(1).random((5, channels, 32, 32))  # [N, C, H, W]
+    path = save_mistakes_grid(
+        images, ["a"] * 5, ["b"] * 5, [0.91, 0.9, 0.8, 0.7, 0.6], tmp_path / "mistakes.png"
+    )
+    read_png(path)
+    with pytest.raises(ValueError, match="one title entry per image"):
+        save_mistakes_grid(images, ["a"], ["b"], [0.9], tmp_path / "bad.png")

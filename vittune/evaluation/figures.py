@@ -1,0 +1,161 @@
+"""Evaluation figures saved as PNG: confusion matrices, reliability diagram, ROC, mistakes.
+
+`vittune.plots` draws the single validation heat map during training; these are the fuller
+figures of `vittune evaluate`, drawn from an `EvaluationReport`'s parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vittune.evaluation.calibration import ReliabilityBins  # noqa: E402
+from vittune.evaluation.roc import RocCurve  # noqa: E402
+
+# Beyond this many classes the cell numbers are unreadable; the colours still show.
+_MAX_ANNOTATED_CLASSES = 30
+
+
+def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _heat_map(ax: plt.Axes, values: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> None:
+    """One [K, K] panel; NaN cells (rows of absent classes) are grey, not 'zero'."""
+    cmap = plt.get_cmap("Blues").with_extremes(bad="lightgrey")
+    scaled = values / np.nanmax(values) if np.nanmax(values) > 0 else values
+    ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, vmin=0.0, vmax=1.0)
+    n = len(classes)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= _MAX_ANNOTATED_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                colour = "white" if scaled[i, j] > 0.5 else "black"
+                ax.text(j, i, labels[i, j], ha="center", va="center", color=colour, fontsize=7)
+
+
+def save_confusion_figure(
+    counts: np.ndarray, classes: Sequence[str], path: Path, title: str = ""
+) -> Path:
+    """Counts and row-normalised rates side by side (rows: true class, columns: predicted)."""
+    counts = np.asarray(counts)  # [K, K]
+    totals = counts.sum(axis=1, keepdims=True)  # [K, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = np.where(totals > 0, counts / totals, np.nan)  # [K, K], NaN for absent classes
+    size = min(2.5 + 0.5 * len(classes), 12.0)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(2 * size, size), layout="constrained")
+    _heat_map(left, counts.astype(float), counts.astype(str), classes)
+    left.set_title("counts")
+    rate_text = np.where(np.isnan(rates), "", np.char.mod("%.2f", np.nan_to_num(rates)))
+    _heat_map(right, rates, rate_text, classes)
+    right.set_title("row-normalised (recall on the diagonal)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def save_reliability_diagram(bins: ReliabilityBins, path: Path, title: str = "") -> Path:
+    """Accuracy per confidence bin against the diagonal, sample counts below, ECE in the title."""
+    lo, hi = bins.edges[:-1], bins.edges[1:]  # [M]
+    width = hi - lo
+    filled = bins.count > 0
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(5, 6), sharex=True, height_ratios=(3, 1), layout="constrained"
+    )
+    top.bar(
+        lo[filled],
+        bins.accuracy[filled],
+        width[filled],
+        align="edge",
+        edgecolor="black",
+        label="accuracy",
+    )
+    gap = bins.confidence[filled] - bins.accuracy[filled]
+    top.bar(
+        lo[filled],
+        gap,
+        width[filled],
+        bottom=bins.accuracy[filled],
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        label="gap to confidence",
+    )
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"{title + ': ' if title else ''}ECE {bins.ece:.4f} ({len(width)} bins)")
+    bottom.bar(lo, bins.count, width, align="edge", color="grey", edgecolor="black")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("top-1 confidence")
+    bottom.set_ylabel("samples")
+    return _save(fig, path)
+
+
+def save_roc_curves(curves: dict[str, RocCurve], path: Path, title: str = "") -> Path:
+    """One ROC curve per entry, its AUC in the legend; the chance diagonal for reference."""
+    if not curves:
+        raise ValueError("no ROC curves to draw")
+    fig, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
+    for name, curve in curves.items():
+        ax.plot(curve.fpr, curve.tpr, linewidth=1.5, label=f"{name} (AUC {curve.auc:.4f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="chance")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false-positive rate (1 - specificity)")
+    ax.set_ylabel("true-positive rate (sensitivity)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "ROC")
+    return _save(fig, path)
+
+
+def save_mistakes_grid(
+    images: np.ndarray,
+    true: Sequence[str],
+    predicted: Sequence[str],
+    probability: Sequence[float],
+    path: Path,
+    columns: int = 4,
+) -> Path:
+    """A grid of images titled "true / predicted (p)", e.g. the report's confident mistakes.
+
+    Args:
+        images: [N, C, H, W] in [0, 1]; one channel shows grey, three RGB, others the mean.
+        true: N true class names.
+        predicted: N predicted class names.
+        probability: N probabilities of the predicted class.
+        path: where to write the PNG.
+        columns: images per row.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or not len(images) == len(true) == len(predicted) == len(probability):
+        raise ValueError("images must be [N, C, H, W] with one title entry per image")
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False, layout="constrained"
+    )
+    for index, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if index >= len(images):
+            continue
+        image = np.clip(images[index], 0.0, 1.0)  # [C, H, W]
+        if image.shape[0] == 3:
+            ax.imshow(image.transpose(1, 2, 0))  # [H, W, 3]
+        else:
+            ax.imshow(image.mean(axis=0), cmap="gray", vmin=0.0, vmax=1.0)  # [H, W]
+        ax.set_title(f"{true[index]} / {predicted[index]} ({probability[index]:.2f})", fontsize=8)
+    return _save(fig, path)
