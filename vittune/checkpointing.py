@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -233,6 +234,10 @@ class ResumePoint:
 def read_resume_point(path: Path) -> ResumePoint:
     """Read a checkpoint's metadata safely (`weights_only=True`; mmap: tensors stay on disk)."""
     hint = "point trainer.resume_from at runs/<name>/checkpoints/last.ckpt, or use auto"
+    if not zipfile.is_zipfile(path):  # what torch.save (and so Lightning) writes
+        raise RecipeError(
+            f"trainer.resume_from {path} is not a checkpoint (not a torch file); {hint}"
+        )
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # text files, foreign pickles, truncated files
