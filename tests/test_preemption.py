@@ -85,3 +85,24 @@ def test_sigterm_and_sigusr1_lose_no_step_and_auto_resume_finishes(tmp_path: Pat
     wandb_id = (run_dir / "wandb_id").read_text().strip()
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{wandb_id}") for name in runs)
+
+
+def test_a_stop_during_validation_lets_it_finish(tmp_path: Path) -> None:
+    # One training step, then 40 one-image validation batches per epoch: a signal sent while
+    # the run is going almost always lands in a validation.
+    make_class_images(tmp_path / "data", {"a": 40, "b": 40}, size=32)
+    data = {"root": str(tmp_path / "data"), "val_fraction": 0.5, "eval_batch_size": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", {"data": data})
+    args = [
+        "finetune",
+        str(recipe),
+        *tiny("data.batch_size=2", "trainer.limit_train_batches=1", "trainer.max_epochs=4"),
+        "logging.name=pre",
+        "trainer.resume_from=auto",
+    ]
+    stop_with(signal.SIGTERM, args, tmp_path, tmp_path / "first", after_step=1)
+    result = run_cli(*args, cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    # Every epoch was validated once: none was cut short and skipped on resume.
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "runs" / "pre") if r.get("val/acc1")]
+    assert epochs == ["0", "1", "2", "3"]

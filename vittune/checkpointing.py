@@ -193,7 +193,10 @@ class PreemptionGuard(Callback):
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.training = False
+        self.phase: str | None = "before training"  # None while Lightning's handler acts
+        self.stopped_in: str | None = None  # the phase in which this guard raised Preempted
+        self._lightning_handler: Any = None  # Lightning's SIGTERM handler, while validating
+        self._held = False
 
     @contextmanager
     def installed(self) -> Iterator[PreemptionGuard]:
@@ -206,16 +209,37 @@ class PreemptionGuard(Callback):
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = self.signum or signum
-        if not self.training:
-            raise Preempted(signum, f"stopped by {signal.Signals(signum).name} before training")
+        if self.phase is not None:
+            self.stopped_in = self.phase
+            raise Preempted(signum, f"stopped by {signal.Signals(signum).name} {self.phase}")
         if signum != signal.SIGTERM:  # Lightning's handler (installed over ours) takes it
             signal.raise_signal(signal.SIGTERM)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.training = True
+        self.phase = None
+
+    # Lightning stops a validation half-way on SIGTERM, and a resume does not run the rest of it
+    # (measured: that epoch's val/* never appear and the best checkpoint never sees them). So a
+    # stop signal during validation is held until the validation ends, then handed on.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase is None:
+            self._lightning_handler = signal.signal(signal.SIGTERM, self._hold)
+            self._held = False
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+        self._held = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._lightning_handler is None:
+            return
+        signal.signal(signal.SIGTERM, self._lightning_handler)
+        self._lightning_handler = None
+        if self._held:
+            signal.raise_signal(signal.SIGTERM)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.training = False
+        self.phase = "after training"
 
 
 @dataclass

@@ -303,9 +303,17 @@ def fit(
         try:
             with removed_on_user_error(folder, lambda: held_checkpoints(folder.path)):
                 return _fit_into(folder, recipe, command, log, resume, guard)
-        except Preempted:
-            if folder.created and held_checkpoints(folder.path) is None:
+        except Preempted as stop:
+            held = held_checkpoints(folder.path)
+            if folder.created and held is None:
                 shutil.rmtree(folder.path, ignore_errors=True)  # stopped before any step
+            if guard.stopped_in == "after training":
+                raise Preempted(
+                    stop.signum,
+                    f"{stop}, before the export; {folder.path / 'checkpoints' / 'last.ckpt'}"
+                    " holds the final step; export it with trainer.resume_from=auto"
+                    f" logging.name={folder.path.name}",
+                ) from None
             raise
         finally:
             release_run_dir(folder)
@@ -364,15 +372,20 @@ def _fit_into(
             weights_only=True,  # checkpoints hold tensors and plain data only
         )
     except SIGTERMException:
+        guard.phase = "while stopping"
         signum = guard.signum or signal.SIGTERM
+        name, last = signal.Signals(signum).name, run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise Preempted(signum, f"stopped by {name} before the first step") from None
         raise Preempted(
             signum,
-            f"stopped by {signal.Signals(signum).name} at step {trainer.global_step};"
-            f" {run_dir / 'checkpoints' / 'last.ckpt'} holds that step; continue in this folder"
-            f" with trainer.resume_from=auto logging.name={run_dir.name}",
+            f"stopped by {name} at step {trainer.global_step}; {last} holds that step;"
+            f" continue in this folder with trainer.resume_from=auto logging.name={run_dir.name}",
         ) from None
-    finally:
-        guard.training = False
+    except BaseException:
+        guard.phase = "while stopping"  # Lightning's handler is gone: a signal stops at once
+        raise
+    guard.phase = "after training"
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
     score = checkpoint.best_model_score
     result.best_score = float(score) if score is not None else None
