@@ -132,9 +132,16 @@ def test_kill_9_mid_training_then_auto_resume_finishes_the_run(tmp_path: Path) -
     ]
     checkpoints = tmp_path / "runs" / "crash" / "checkpoints"
     run = start_cli(*args, cwd=tmp_path, log=tmp_path / "first")
-    wait_until(lambda: step_of(checkpoints / "last.ckpt") >= 30, run)  # into epoch 1
+    seen = set()  # the steps last.ckpt held while polling
+
+    def step_30_or_more() -> bool:
+        seen.add(step_of(checkpoints / "last.ckpt"))
+        return max(seen) >= 30  # into epoch 1
+
+    wait_until(step_30_or_more, run)
     run.send_signal(signal.SIGKILL)  # saving every step: it often lands mid-write
     run.wait()
+    assert any(step % 24 for step in seen if step > 0)  # every_n_steps: saves inside epochs
     before = load(checkpoints / "last.ckpt")["global_step"]
     assert 30 <= before < 72 and load(checkpoints / "best.ckpt")["epoch"] == 0
     result = run_cli(*args, "trainer.resume_from=auto", cwd=tmp_path, env=ONE_THREAD)
