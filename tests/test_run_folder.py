@@ -19,21 +19,29 @@ from ckpt_helpers import cli_env, one_line_error
 from conftest import VITTUNE, make_class_images, run_cli
 from helpers import ONE_THREAD, tiny, write_recipe
 
-from vittune.checkpointing import read_resume_point
+from vittune.checkpointing import check_model_fits, read_resume_point, resolve_resume
 from vittune.errors import RecipeError, WeightsError
 from vittune.models.weights import resolve_weight_file
+from vittune.recipe.load import load_recipe
+from vittune.run import build_finetune
 from vittune.run_folder import RUN_DIR_ENV, RUN_DIR_PARENT_ENV, prepare_run_dir
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A workspace with a finished one-epoch run, `runs/source`."""
+    """A workspace with a finished one-epoch run, `runs/source`, started with an inherited
+    VITTUNE_RUN_DIR that points at an earlier run, `runs/earlier`."""
     work = tmp_path_factory.mktemp("work")
     make_class_images(work / "data", {"a": 8, "b": 8}, size=32)
     write_recipe(work / "r.yaml", {"data": {"root": str(work / "data"), "batch_size": 4}})
-    result = run_cli(
-        "finetune", "r.yaml", *tiny("trainer.max_epochs=1", "logging.name=source"), cwd=work
-    )
+    earlier = work / "runs" / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    (earlier / "recipe.yaml").write_text("an earlier run's recipe\n")
+    # As if inherited from a shell or a harness, even inside a torchrun-like environment.
+    env = cli_env(**{RUN_DIR_ENV: str(earlier), "LOCAL_RANK": "0"}, **ONE_THREAD)
+    args = [VITTUNE, "finetune", "r.yaml", *tiny("trainer.max_epochs=1", "logging.name=source")]
+    result = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return work
 
@@ -50,65 +58,69 @@ def fingerprint(folder: Path) -> dict[str, str]:
     }
 
 
+def recipe_args(last: Path, *extra: str) -> list[str]:
+    return tiny(f"trainer.resume_from={last}", *extra)
+
+
+def test_resume_from_a_text_file_is_one_line_and_leaves_no_folder(source: Path) -> None:
+    (source / "notes.txt").write_text("not a checkpoint\n")
+    before = fingerprint(source / "runs")
+    result = run_cli(
+        "finetune",
+        "r.yaml",
+        *tiny("trainer.max_epochs=2", "trainer.resume_from=notes.txt", "logging.name=resumed"),
+        cwd=source,
+    )
+    assert "trainer.resume_from notes.txt is not a checkpoint (not a torch file)" in one_line_error(
+        result
+    )
+    assert fingerprint(source / "runs") == before  # nothing made, nothing changed
+
+
 @pytest.mark.parametrize(
-    ("case", "overrides", "expected"),
+    ("overrides", "expected"),
     [
-        ("text", [], "is not a checkpoint (not a torch file)"),
         (
-            "last",
             ["model.kwargs={embed_dim: 64, depth: 1, num_heads: 2}"],
             "differs from the checkpoint's in model.kwargs.depth, which a resume cannot change",
         ),
         (
-            "last",
             ["optim.name=sgd", "optim.lr=0.1"],
             "differs from the checkpoint's in optim.lr, optim.name, which a resume cannot change",
         ),
+        (["schedule.name=linear", "data.batch_size=2"], "in data.batch_size, schedule.name,"),
     ],
 )
-def test_resume_mistakes_are_one_line_and_leave_no_folder(
-    source: Path, case: str, overrides: list[str], expected: str
+def test_resume_refuses_recipe_changes_it_cannot_apply(
+    source: Path, overrides: list[str], expected: str
 ) -> None:
-    files = {
-        "text": source / "notes.txt",
-        "last": source / "runs" / "source" / "checkpoints" / "last.ckpt",
-    }
-    files["text"].write_text("not a checkpoint\n")
-    before = fingerprint(source / "runs" / "source")
-    result = run_cli(
-        "finetune",
-        "r.yaml",
-        *tiny("trainer.max_epochs=2", *overrides),
-        f"trainer.resume_from={files[case]}",
-        "logging.name=resumed",
-        cwd=source,
+    last = source / "runs" / "source" / "checkpoints" / "last.ckpt"
+    allowed = ["trainer.max_epochs=5", "data.num_workers=1", "logging.name=other"]
+    recipe = load_recipe(source / "r.yaml", recipe_args(last, *allowed))
+    assert resolve_resume(recipe).global_step == 3  # what a resume may change is taken
+    with pytest.raises(RecipeError) as caught:
+        resolve_resume(load_recipe(source / "r.yaml", recipe_args(last, *allowed, *overrides)))
+    assert expected in str(caught.value)
+
+
+def test_resume_on_data_with_other_classes_is_refused(source: Path, tmp_path: Path) -> None:
+    make_class_images(tmp_path / "three", {"a": 4, "b": 4, "c": 4}, size=32)
+    last = source / "runs" / "source" / "checkpoints" / "last.ckpt"
+    recipe = load_recipe(source / "r.yaml", recipe_args(last, f"data.root={tmp_path / 'three'}"))
+    point = resolve_resume(recipe)  # data.root may change ...
+    task = build_finetune(recipe, tmp_path / "run").task
+    with pytest.raises(RecipeError) as caught:
+        check_model_fits(point, task)  # ... but not into other classes
+    assert (
+        "holds another model than this recipe builds (model.head.weight (2, 64) vs (3, 64)"
+        in str(caught.value)
     )
-    assert expected in one_line_error(result)
-    assert folders(source) == ["source"]
-    assert fingerprint(source / "runs" / "source") == before
 
 
 def test_a_torch_file_without_training_state_is_not_resumable(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
     with pytest.raises(RecipeError, match="is not a vittune training checkpoint"):
         read_resume_point(tmp_path / "weights.pt")
-
-
-def test_resume_on_data_with_other_classes_is_refused_and_the_folder_removed(source: Path):
-    make_class_images(source / "three", {"a": 4, "b": 4, "c": 4}, size=32)
-    result = run_cli(
-        "finetune",
-        "r.yaml",
-        *tiny("trainer.max_epochs=2", f"data.root={source / 'three'}"),
-        f"trainer.resume_from={source / 'runs' / 'source' / 'checkpoints' / 'last.ckpt'}",
-        "logging.name=resumed",
-        cwd=source,
-    )
-    line = one_line_error(result)
-    assert (
-        "holds another model than this recipe builds (model.head.weight (2, 64) vs (3, 64)" in line
-    )
-    assert folders(source) == ["source"]  # made for the run, removed: nothing was trained
 
 
 def test_broken_config_json_in_a_weights_folder_is_one_line(source: Path) -> None:
@@ -120,7 +132,7 @@ def test_broken_config_json_in_a_weights_folder_is_one_line(source: Path) -> Non
     )
     assert f"{broken / 'config.json'} is not valid JSON" in one_line_error(result)
     shutil.rmtree(broken)
-    assert folders(source) == ["source"]
+    assert folders(source) == ["earlier", "source"]  # the new run's folder was removed
 
 
 def test_config_json_kwargs_are_geometry_only(source: Path) -> None:
@@ -167,19 +179,15 @@ def test_read_only_run_dir_is_one_line(tmp_path: Path, source: Path) -> None:
 
 
 def test_inherited_run_dir_never_overwrites_and_exports_are_0644(source: Path) -> None:
-    existing = source / "runs" / "source"
-    before = fingerprint(existing)
-    # As if inherited from a shell or a harness, even inside a torchrun-like environment.
-    env = cli_env(**{RUN_DIR_ENV: str(existing), "LOCAL_RANK": "0"}, **ONE_THREAD)
-    args = [VITTUNE, "finetune", "r.yaml", *tiny("trainer.max_epochs=1", "logging.name=source")]
-    result = subprocess.run(args, cwd=source, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert fingerprint(existing) == before  # not a byte changed
-    assert folders(source) == ["source", "source-2"]
+    earlier = source / "runs" / "earlier"
+    assert (earlier / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's checkpoint"
+    assert (earlier / "recipe.yaml").read_text() == "an earlier run's recipe\n"
+    assert sorted(p.name for p in earlier.rglob("*")) == ["checkpoints", "last.ckpt", "recipe.yaml"]
+    run = source / "runs" / "source"  # the run went to its own folder instead
+    assert (run / "checkpoints" / "last.ckpt").is_file()
     for name in ("model.safetensors", "config.json"):
-        mode = stat.S_IMODE((source / "runs" / "source-2" / name).stat().st_mode)
+        mode = stat.S_IMODE((run / name).stat().st_mode)
         assert mode == 0o644, (name, oct(mode))
-    shutil.rmtree(source / "runs" / "source-2")
 
 
 def test_same_name_at_once_gets_distinct_folders(tmp_path: Path, monkeypatch) -> None:
