@@ -201,10 +201,10 @@ def build_trainer(
     monitor: tuple[str, str],
     extra: list[Callback],
     start_step: int = 0,
+    wandb_id: str | None = None,
 ) -> tuple[L.Trainer, BestCheckpoint, str | None]:
     t = recipe.trainer
     name = run_dir.name
-    wandb_id = wandb_run_id(run_dir) if recipe.logging.wandb else None
     loggers, wandb_message = build_loggers(recipe.logging, run_dir, name, wandb_id)
     checkpoint = BestCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -351,7 +351,10 @@ def _fit_into(
             carry_best(resume, run_dir / "checkpoints")
     monitor = monitor_of(recipe, assembly.task)
     start = resume.global_step if resume else 0
-    trainer, checkpoint, wandb_message = build_trainer(recipe, run_dir, monitor, extra, start)
+    wandb_id = wandb_run_id(folder) if recipe.logging.wandb else None
+    trainer, checkpoint, wandb_message = build_trainer(
+        recipe, run_dir, monitor, extra, start, wandb_id
+    )
     if trainer.is_global_zero:
         log(f"vittune {command}: run folder {run_dir}")
         if resume is not None:

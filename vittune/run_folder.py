@@ -127,12 +127,15 @@ def removed_on_user_error(folder: RunFolder, trained: Callable[[], str | None]) 
         raise type(err)(f"{str(err).rstrip()} (run folder {where})") from None
 
 
-def wandb_run_id(folder: Path) -> str:
-    """The W&B run id of this run folder, made on first use, so a resumed run logs into the
-    same W&B run (`WandbLogger(id=..., resume="allow")`)."""
-    path = folder / WANDB_ID_FILE
+def wandb_run_id(folder: RunFolder) -> str | None:
+    """The W&B run id of this run folder, so that a resumed run logs into the same W&B run
+    (`WandbLogger(id=..., resume="allow")`). Rank 0 makes it on first use; other ranks only
+    read it (they do not log to W&B, and two writers could leave the file naming another id)."""
+    path = folder.path / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
+    if not folder.owner:
+        return None
     alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet
     run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     atomic_write(path, lambda temp: temp.write_text(run_id + "\n"))
