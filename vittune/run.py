@@ -28,12 +28,8 @@ from vittune.checkpointing import (
     AtomicCheckpointIO,
     BestCheckpoint,
     LatestCheckpoint,
-    OptimizerCheck,
     PreemptionGuard,
-    ResumePoint,
     carry_best,
-    check_model_fits,
-    resolve_resume,
 )
 from vittune.data.datamodule import ImageDataModule, scan_sources
 from vittune.errors import Preempted, RecipeError
@@ -43,6 +39,7 @@ from vittune.models.freezing import apply_freeze, frozen_blocks_at
 from vittune.models.weights import read_state_dict
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
+from vittune.resume import OptimizerCheck, ResumePoint, check_model_fits, resolve_resume
 from vittune.run_folder import (
     RunFolder,
     atomic_write,
