@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import make_class_images
 from helpers import run_cli_unset, tiny, write_recipe
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 
 from vittune import tracking
 from vittune.errors import RecipeError, WeightsError
@@ -133,9 +133,9 @@ def test_environment_and_recipe_choose_the_mode(
 
 def test_loggers(no_wandb_setup: Path, tmp_path: Path) -> None:
     loggers, message = tracking.build_loggers(LoggingConfig(wandb=False), tmp_path / "run", "r")
-    assert [type(x) for x in loggers] == [CSVLogger] and message is None
+    assert [type(x) for x in loggers] == [tracking.AppendingCSVLogger] and message is None
     loggers, message = tracking.build_loggers(LoggingConfig(), tmp_path / "run", "r")
-    assert [type(x) for x in loggers] == [CSVLogger, WandbLogger]
+    assert [type(x) for x in loggers] == [tracking.AppendingCSVLogger, WandbLogger]
     assert "logging offline" in message and "wandb sync" in message
 
 

@@ -1,6 +1,8 @@
 """The `vittune` command line: each command loads a recipe and hands it to run.py.
 
 User mistakes (VittuneError) print one line and exit with code 2; bugs keep their traceback.
+A preemption signal (SIGTERM, SIGUSR1) stops training with a checkpoint of the current step,
+prints one line and exits with 128 + the signal number (143 for SIGTERM, 138 for SIGUSR1).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from vittune.errors import VittuneError
+from vittune.errors import Preempted, VittuneError
 
 app = typer.Typer(
     add_completion=False,
@@ -49,6 +51,9 @@ def guarded(action: Callable[[], None]) -> None:
     except VittuneError as err:
         typer.echo(f"vittune: error: {one_line(err)}", err=True)
         raise typer.Exit(code=2) from None
+    except Preempted as stop:
+        typer.echo(f"vittune: {stop}", err=True)
+        raise typer.Exit(code=stop.exit_code) from None
 
 
 def _train(command: str, recipe_path: str, overrides: list[str] | None, print_recipe: bool) -> None:

@@ -18,3 +18,21 @@ class DataError(VittuneError):
 
 class WeightsError(VittuneError):
     """Pretrained weights cannot be found, verified or loaded into the model."""
+
+
+class Preempted(BaseException):
+    """A preemption signal (SIGTERM, SIGUSR1) stopped the run, after a checkpoint was saved.
+
+    The CLI prints the message and exits with 128 + the signal number (143 for SIGTERM, 138
+    for SIGUSR1), as a shell reports a process that the signal ended. A BaseException, like
+    KeyboardInterrupt: raised from a signal handler at any point, it must not be caught (and
+    reworded) by the `except Exception` around a file read.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

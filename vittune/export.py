@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vittune.run_folder import atomic_write
+
 
 def export_config(
     model_name: str,
@@ -56,12 +58,12 @@ def write_export(
     folder: Path,
     filename: str = "model.safetensors",
 ) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the weights and config.json, each atomically and readable by all (0644): an
+    export is meant to be shared, and a kill mid-write must not leave a truncated file."""
     path = folder / filename
-    save_file(
-        contiguous_state(state),
-        str(path),
-        metadata={"format": "pt", "architecture": config["architecture"]},
-    )
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = contiguous_state(state)
+    metadata = {"format": "pt", "architecture": config["architecture"]}
+    atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(folder / "config.json", lambda temp: temp.write_text(text))
     return path

@@ -6,9 +6,8 @@ about the command line.
 
 from __future__ import annotations
 
-import os
 import shutil
-import time
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,19 +18,33 @@ from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
     LearningRateMonitor,
-    ModelCheckpoint,
 )
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vittune.assembly import Assembly, build
-from vittune.errors import RecipeError, VittuneError
+from vittune.checkpointing import (
+    AtomicCheckpointIO,
+    BestCheckpoint,
+    LatestCheckpoint,
+    PreemptionGuard,
+    carry_best,
+)
+from vittune.errors import Preempted, RecipeError
 from vittune.export import export_config, write_export
 from vittune.models.weights import read_state_dict
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
+from vittune.resume import OptimizerCheck, ResumePoint, check_model_fits, resolve_resume
+from vittune.run_folder import (
+    RunFolder,
+    atomic_write,
+    prepare_run_dir,
+    release_run_dir,
+    removed_on_user_error,
+    wandb_run_id,
+)
 from vittune.tasks.base import VitTask
 from vittune.tracking import build_loggers
-
-RUN_DIR_ENV = "VITTUNE_RUN_DIR"  # shared with DDP worker processes, which re-run the CLI
 
 
 @dataclass
@@ -51,20 +64,26 @@ def default_precision(accelerator: str) -> str:
 
 
 def build_trainer(
-    recipe: Recipe, run_dir: Path, monitor: tuple[str, str], extra: list[Callback]
-) -> tuple[L.Trainer, ModelCheckpoint, str | None]:
+    recipe: Recipe,
+    run_dir: Path,
+    monitor: tuple[str, str],
+    extra: list[Callback],
+    start_step: int = 0,
+    wandb_id: str | None = None,
+) -> tuple[L.Trainer, BestCheckpoint, str | None]:
     t = recipe.trainer
     name = run_dir.name
-    loggers, wandb_message = build_loggers(recipe.logging, run_dir, name)
-    checkpoint = ModelCheckpoint(
+    loggers, wandb_message = build_loggers(recipe.logging, run_dir, name, wandb_id)
+    checkpoint = BestCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=monitor[0],
         mode=monitor[1],
         save_top_k=recipe.checkpoint.save_top_k,
-        save_last=True,
+        save_last=False,  # LatestCheckpoint keeps last.ckpt, at every epoch and on a stop
         auto_insert_metric_name=False,
     )
+    latest = LatestCheckpoint(run_dir / "checkpoints", recipe.checkpoint.every_n_steps, start_step)
     callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra]
     if t.early_stopping_patience:
         # Checked after each validation, not at the end of a training epoch: a run capped by
@@ -77,6 +96,7 @@ def build_trainer(
                 check_on_train_epoch_end=False,
             )
         )
+    callbacks.append(latest)  # after the best checkpoint: last.ckpt holds its updated score
     optional = {
         "limit_train_batches": t.limit_train_batches,
         "limit_val_batches": t.limit_val_batches,
@@ -97,36 +117,11 @@ def build_trainer(
         default_root_dir=str(run_dir),
         logger=loggers,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
         **{k: v for k, v in optional.items() if v is not None},
     )
     return trainer, checkpoint, wandb_message
-
-
-def launched_rank() -> int:
-    """This process's global rank when an external launcher (torchrun, SLURM, MPI) started it."""
-    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "NODE_RANK"):
-        value = os.environ.get(key, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 0
-
-
-def prepare_run_dir(recipe: Recipe, recipe_path: str | Path) -> tuple[Path, bool]:
-    """(folder, created): a fresh `runs/<name>` (never overwriting one), shared with DDP workers."""
-    if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV]), False
-    name = recipe.logging.name or f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base = Path(recipe.logging.run_dir)
-    if launched_rank() > 0:  # torchrun / SLURM / other nodes: only rank 0 creates the folder
-        return base / name, False
-    candidate, suffix = base / name, 1
-    while candidate.exists():
-        suffix += 1
-        candidate = base / f"{name}-{suffix}"
-    candidate.mkdir(parents=True)
-    os.environ[RUN_DIR_ENV] = str(candidate)
-    return candidate, True
 
 
 def monitor_of(recipe: Recipe, task: VitTask) -> tuple[str, str]:
@@ -140,11 +135,12 @@ def monitor_of(recipe: Recipe, task: VitTask) -> tuple[str, str]:
 
 
 def export_best(
-    assembly: Assembly, recipe: Recipe, command: Command, checkpoint: ModelCheckpoint, run_dir: Path
+    assembly: Assembly, recipe: Recipe, command: Command, checkpoint: BestCheckpoint, run_dir: Path
 ) -> Path:
     """Write the best (else last) weights of the exported module in timm key names."""
     module = assembly.export_module(assembly.task)
-    best = checkpoint.best_model_path or checkpoint.last_model_path
+    candidates = [checkpoint.best_model_path, str(run_dir / "checkpoints" / "last.ckpt")]
+    best = next((p for p in candidates if p and Path(p).is_file()), None)
     state = read_state_dict(Path(best)) if best else module.state_dict()
     own = set(module.state_dict())
     state = {k: v for k, v in state.items() if k in own}
@@ -165,36 +161,79 @@ def export_best(
 def fit(
     recipe: Recipe, command: Command, recipe_path: str | Path, log: Callable[[str], None] = print
 ) -> RunResult:
-    """Train as the recipe says, keep best/last checkpoints, and export the best weights."""
-    resume = recipe.trainer.resume_from
-    if resume is not None and not Path(resume).is_file():
-        raise RecipeError(
-            f"trainer.resume_from {resume} is not a checkpoint file; point it at runs/<name>/checkpoints/last.ckpt"
+    """Train as the recipe says, keep best/last checkpoints, and export the best weights.
+
+    `trainer.resume_from` is checked before the run folder exists; `auto` continues the newest
+    checkpoint of `<logging.run_dir>/<logging.name>` in that same folder (or starts fresh there).
+    """
+    resume = resolve_resume(recipe)
+    guard = PreemptionGuard()
+    with guard.installed():
+        folder = prepare_run_dir(
+            recipe.logging.name,
+            recipe.logging.run_dir,
+            Path(recipe_path).stem,
+            reuse=recipe.trainer.resume_from == "auto",
         )
-    run_dir, created = prepare_run_dir(recipe, recipe_path)
-    try:
-        return _fit_into(run_dir, created, recipe, command, log)
-    finally:
-        if created:  # a later fit() in this process (a notebook) gets its own folder
-            os.environ.pop(RUN_DIR_ENV, None)
+        try:
+            with removed_on_user_error(folder, lambda: held_checkpoints(folder.path)):
+                return _fit_into(folder, recipe, command, log, resume, guard)
+        except Preempted as stop:
+            held = held_checkpoints(folder.path)
+            if folder.created and held is None:
+                shutil.rmtree(folder.path, ignore_errors=True)  # stopped before any step
+            if guard.stopped_in == "after training":
+                raise Preempted(
+                    stop.signum,
+                    f"{stop}, before the export; {folder.path / 'checkpoints' / 'last.ckpt'}"
+                    " holds the final step; export it with trainer.resume_from=auto"
+                    f" logging.name={folder.path.name}",
+                ) from None
+            raise
+        finally:
+            release_run_dir(folder)
+
+
+def held_checkpoints(run_dir: Path) -> str | None:
+    """What a run folder holds that is worth keeping ("checkpoints/last.ckpt, ..."), or None."""
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    return f"checkpoints/{', '.join(names)}" if names else None
 
 
 def _fit_into(
-    run_dir: Path, created: bool, recipe: Recipe, command: Command, log: Callable[[str], None]
+    folder: RunFolder,
+    recipe: Recipe,
+    command: Command,
+    log: Callable[[str], None],
+    resume: ResumePoint | None,
+    guard: PreemptionGuard,
 ) -> RunResult:
-    if created:
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    run_dir = folder.path
+    if folder.owner:
+        try:  # a resumed run records the recipe it continues with (only resumable keys differ)
+            atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(dump_recipe(recipe)))
+        except OSError as err:
+            raise RecipeError(
+                f"cannot write to run folder {run_dir}: {err.strerror}; point logging.run_dir at a writable folder"
+            ) from None
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
-    try:
-        assembly = build(recipe, command, run_dir)
-    except VittuneError:
-        if created:  # nothing was trained: leave no half-made folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    assembly = build(recipe, command, run_dir)
+    extra = [*assembly.callbacks, guard]
+    if resume is not None:
+        check_model_fits(resume, assembly.task)
+        extra.append(OptimizerCheck(resume))
+        if folder.owner:
+            carry_best(resume, run_dir / "checkpoints")
     monitor = monitor_of(recipe, assembly.task)
-    trainer, checkpoint, wandb_message = build_trainer(recipe, run_dir, monitor, assembly.callbacks)
+    start = resume.global_step if resume else 0
+    wandb_id = wandb_run_id(folder) if recipe.logging.wandb else None
+    trainer, checkpoint, wandb_message = build_trainer(
+        recipe, run_dir, monitor, extra, start, wandb_id
+    )
     if trainer.is_global_zero:
         log(f"vittune {command}: run folder {run_dir}")
+        if resume is not None:
+            log(f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch})")
         log(
             f"  weights: {assembly.report.source}"
             + "".join(f"\n  {n}" for n in assembly.report.notes)
@@ -203,12 +242,28 @@ def _fit_into(
         log(f"  data: {len(assembly.classes)} classes, images per split {sizes}")
         if wandb_message:
             log(f"  {wandb_message}")
-    trainer.fit(
-        assembly.task,
-        datamodule=assembly.datamodule,
-        ckpt_path=recipe.trainer.resume_from,
-        weights_only=True,  # checkpoints hold tensors and plain data only
-    )
+    try:
+        trainer.fit(
+            assembly.task,
+            datamodule=assembly.datamodule,
+            ckpt_path=resume.path if resume else None,
+            weights_only=True,  # checkpoints hold tensors and plain data only
+        )
+    except SIGTERMException:
+        guard.phase = "while stopping"
+        signum = guard.signum or signal.SIGTERM
+        name, last = signal.Signals(signum).name, run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise Preempted(signum, f"stopped by {name} before the first step") from None
+        raise Preempted(
+            signum,
+            f"stopped by {name} at step {trainer.global_step}; {last} holds that step;"
+            f" continue in this folder with trainer.resume_from=auto logging.name={run_dir.name}",
+        ) from None
+    except BaseException:
+        guard.phase = "while stopping"  # Lightning's handler is gone: a signal stops at once
+        raise
+    guard.phase = "after training"
     if trainer.is_global_zero and (corrupt := assembly.datamodule.corrupt_report()):
         log(corrupt)
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])

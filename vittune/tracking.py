@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from vittune.errors import RecipeError
 from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
@@ -74,10 +77,13 @@ def resolve_wandb_mode(cfg: LoggingConfig) -> tuple[str, str | None]:
 
 
 def build_loggers(
-    cfg: LoggingConfig, run_dir: Path, run_name: str
+    cfg: LoggingConfig, run_dir: Path, run_name: str, wandb_id: str | None = None
 ) -> tuple[list[Logger], str | None]:
-    """Loggers for the Trainer, and a message for the user about W&B (or None)."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]
+    """Loggers for the Trainer, and a message for the user about W&B (or None).
+
+    `wandb_id` (kept in the run folder) makes a resumed run continue the same W&B run.
+    """
+    loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="csv")]
     if not cfg.wandb:
         return loggers, None
     mode, reason = resolve_wandb_mode(cfg)
@@ -94,6 +100,8 @@ def build_loggers(
             save_dir=str(run_dir),
             mode=mode,
             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
+            id=wandb_id,
+            resume="allow" if wandb_id else None,
         )
     )
     if mode == "offline":
@@ -110,3 +118,28 @@ def log_image(loggers: list[Logger], key: str, path: Path, step: int | None = No
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], step=step)
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a metrics.csv already in the folder is continued, not deleted.
+
+    A run resumed into its own folder (`trainer.resume_from: auto`) keeps the rows of the steps
+    before the interruption; the new rows are appended under the same (sorted) header.
+    """
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """CSVLogger that writes through AppendingWriter."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -138,13 +138,17 @@ class TrainerConfig(Section):
     check_val_every_n_epoch: int = Field(1, ge=1)
     log_every_n_steps: int = Field(10, ge=1)
     early_stopping_patience: int | None = None
-    resume_from: str | None = None  # a Lightning checkpoint to continue from
+    # a vittune checkpoint to continue from (into a new run folder), or `auto`: the newest
+    # checkpoint of <logging.run_dir>/<logging.name>, continued in that same folder
+    resume_from: str | None = None
 
 
 class CheckpointConfig(Section):
     monitor: str | None = None  # None: the task's main metric (val/acc1, val/loss for MAE)
     mode: Literal["max", "min"] | None = None
     save_top_k: int = 1
+    # also rewrite last.ckpt every n optimiser steps (it is always rewritten at epoch ends)
+    every_n_steps: int | None = Field(None, ge=1)
 
 
 class LoggingConfig(Section):

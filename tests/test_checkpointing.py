@@ -1,0 +1,152 @@
+"""Checkpoints survive what kills runs: kill -9 at random moments (also mid-write), and a
+metric that stops improving never leaves last.ckpt behind."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_helpers import best_score, cli_env, load, start_cli, step_of, wait_until
+from conftest import make_class_images, run_cli
+from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
+from safetensors.torch import load_file
+
+from vittune.models.weights import read_state_dict
+from vittune.run_folder import atomic_write
+
+# Saves a 16 MB tensor that holds its own sequence number, as fast as it can, through the
+# same atomic write the checkpoint plugin uses; says "ready" after the first save.
+SAVER = """
+import sys, torch
+from pathlib import Path
+from vittune.run_folder import atomic_write
+target, first = Path(sys.argv[1]), int(sys.argv[2]) + 1
+for n in range(first, first + 10_000):
+    content = {"n": n, "weights": torch.full((4_000_000,), float(n))}
+    atomic_write(target, lambda temp: torch.save(content, temp))
+    if n == first:
+        print("ready", flush=True)
+"""
+
+
+def test_kill_9_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    rng = random.Random(0)
+    # $TMPDIR on another filesystem (tmpfs) than the checkpoint: the write must not use it.
+    other_fs = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
+    env = {**cli_env(TMPDIR=other_fs), **ONE_THREAD}
+    seen, orphans_after_kill = 0, 0
+    for _ in range(3):
+        saver = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(target), str(seen)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert saver.stdout.readline() == "ready\n"  # the next saves overwrite the first
+        time.sleep(rng.uniform(0.05, 0.6))
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+        orphans_after_kill += len(list(target.parent.glob(".last.ckpt.*.tmp")))
+        content = load(target)  # loadable after every kill, with a consistent content
+        assert torch.equal(content["weights"], torch.full((4_000_000,), float(content["n"])))
+        assert content["n"] > seen  # and it is the newest completed save
+        seen = content["n"]
+    # Kills did land mid-write (they left a temp file), and the next write sweeps it away.
+    assert orphans_after_kill >= 1
+    atomic_write(target, lambda temp: torch.save({"n": seen + 1}, temp))
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def plateau_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-epoch run whose learning rate is too small to change val/acc1 after epoch 0."""
+    work = tmp_path_factory.mktemp("plateau")
+    make_class_images(work / "data", {"a": 12, "b": 12}, size=32)
+    recipe = write_recipe(
+        work / "r.yaml", {"data": {"root": str(work / "data"), "val_fraction": 0.25}}
+    )
+    result = run_cli(
+        "finetune",
+        str(recipe),
+        *tiny("data.batch_size=4", "optim.lr=1e-9", "trainer.max_epochs=3"),
+        "logging.name=plateau",
+        cwd=work,
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return work
+
+
+def test_last_ckpt_is_the_final_epoch_when_the_metric_stopped_improving(plateau_run: Path):
+    checkpoints = plateau_run / "runs" / "plateau" / "checkpoints"
+    scores = column(read_metrics(plateau_run / "runs" / "plateau"), "val/acc1")
+    assert len(scores) == 3 and len(set(scores)) == 1  # no improvement after epoch 0
+    best, last = load(checkpoints / "best.ckpt"), load(checkpoints / "last.ckpt")
+    steps_per_epoch = 18 // 4  # 18 training images in batches of 4, the partial one dropped
+    assert best["epoch"] == 0
+    assert last["epoch"] == 2 and last["global_step"] == 3 * steps_per_epoch
+    assert best_score(last) == scores[0]
+
+
+def test_resume_into_a_new_folder_keeps_the_best_of_the_earlier_epochs(plateau_run: Path):
+    old = plateau_run / "runs" / "plateau"
+    result = run_cli(
+        "finetune",
+        str(plateau_run / "r.yaml"),
+        *tiny("data.batch_size=4", "optim.lr=1e-9", "trainer.max_epochs=4"),
+        f"trainer.resume_from={old / 'checkpoints' / 'last.ckpt'}",
+        "logging.name=more",
+        cwd=plateau_run,
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    new = plateau_run / "runs" / "more"
+    # Epoch 3 did not beat epoch 0: the best stays epoch 0's, copied into the new folder,
+    # and the export is epoch 0's weights, not the last epoch's.
+    assert load(new / "checkpoints" / "best.ckpt")["epoch"] == 0
+    assert load(new / "checkpoints" / "last.ckpt")["epoch"] == 3
+    exported = load_file(str(new / "model.safetensors"))
+    epoch0 = read_state_dict(old / "checkpoints" / "best.ckpt")
+    assert all(torch.equal(exported[k], epoch0[k]) for k in exported)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_auto_resume_finishes_the_run(tmp_path: Path) -> None:
+    make_class_images(tmp_path / "data", {"a": 30, "b": 30}, size=32)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", {"data": {"root": str(tmp_path / "data"), "val_fraction": 0.2}}
+    )
+    args = [
+        "finetune",
+        str(recipe),
+        *tiny("data.batch_size=2", "trainer.max_epochs=3", "checkpoint.every_n_steps=1"),
+        "logging.name=crash",
+    ]
+    checkpoints = tmp_path / "runs" / "crash" / "checkpoints"
+    run = start_cli(*args, cwd=tmp_path, log=tmp_path / "first")
+    seen = set()  # the steps last.ckpt held while polling
+
+    def step_30_or_more() -> bool:
+        seen.add(step_of(checkpoints / "last.ckpt"))
+        return max(seen) >= 30  # into epoch 1
+
+    wait_until(step_30_or_more, run)
+    run.send_signal(signal.SIGKILL)  # saving every step: it often lands mid-write
+    run.wait()
+    assert any(step % 24 for step in seen if step > 0)  # every_n_steps: saves inside epochs
+    before = load(checkpoints / "last.ckpt")["global_step"]
+    assert 30 <= before < 72 and load(checkpoints / "best.ckpt")["epoch"] == 0
+    result = run_cli(*args, "trainer.resume_from=auto", cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"at step {before}" in result.stdout  # continued from the newest checkpoint
+    assert load(checkpoints / "last.ckpt")["global_step"] == 3 * 24  # 48 images, batches of 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["crash"]

@@ -1,0 +1,209 @@
+"""Checkpoints you can trust: atomic writes, a `last.ckpt` that is always the latest state,
+best scores that survive a resume, and a checkpointed stop on preemption signals.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vittune.errors import Preempted
+from vittune.resume import LAST, ResumePoint
+from vittune.run_folder import atomic_write
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO with a write that is atomic on the destination filesystem.
+
+    Lightning's `_atomic_save` goes through an fsspec transaction, whose local temp file is
+    made in $TMPDIR and moved into place on commit; with $TMPDIR on another filesystem that
+    move is a copy, and a kill during it leaves a truncated checkpoint and an orphan temp file.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:  # the parent explains that it takes none
+            super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), lambda temp: torch.save(checkpoint, temp))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose best scores survive a resume into a new run folder.
+
+    Lightning keeps `best_model_score` only when the run folder is the same; a resume into a
+    new folder would forget the epochs before it and could export a worse model than one
+    already seen. The best files are copied into the new folder first (`carry_best`), and
+    here the restored state is pointed at those copies.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so checkpoints written before this class existed still restore.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and os.path.abspath(old) != os.path.abspath(self.dirpath):
+            state_dict = moved_best_state(state_dict, Path(self.dirpath))
+        super().load_state_dict(state_dict)
+
+
+def moved_best_state(state: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A ModelCheckpoint state with its best files looked up in `folder` (those not there dropped)."""
+    moved = {
+        str(folder / Path(p).name): score
+        for p, score in state.get("best_k_models", {}).items()
+        if (folder / Path(p).name).is_file()
+    }
+    best = str(folder / Path(state.get("best_model_path") or "").name)
+    if best not in moved:
+        return {
+            **state,
+            "dirpath": str(folder),
+            "best_k_models": {},
+            "best_model_score": None,
+            "best_model_path": "",
+            "kth_best_model_path": "",
+            "last_model_path": "",
+        }
+    kth = str(folder / Path(state.get("kth_best_model_path") or "").name)
+    return {
+        **state,
+        "dirpath": str(folder),
+        "best_k_models": moved,
+        "best_model_path": best,
+        "kth_best_model_path": kth if kth in moved else "",
+        "last_model_path": "",
+    }
+
+
+def carry_best(resume: ResumePoint, folder: Path) -> list[Path]:
+    """Copy the resumed run's best checkpoints into this run's checkpoint folder."""
+    copied = []
+    for key, state in resume.callbacks.items():
+        if not key.startswith("ModelCheckpoint{"):
+            continue
+        for source in map(Path, state.get("best_k_models", {})):
+            target = folder / source.name
+            if source.is_file() and source.resolve() != target.resolve():
+                atomic_write(target, lambda temp, s=source: shutil.copyfile(s, temp))
+                copied.append(target)
+    return copied
+
+
+class LatestCheckpoint(Checkpoint):
+    """Keep `last.ckpt` the latest state: at every epoch end, every `every_n_steps` optimiser
+    steps, and when training stops on an exception or a preemption signal.
+
+    Lightning's ModelCheckpoint rewrites its "last" file only together with a top-k save
+    (`on_validation_end`: "Only save last checkpoint if a checkpoint was actually saved"), so
+    once the monitored metric stops improving `last.ckpt` stops moving. Being a `Checkpoint`
+    subclass, Lightning runs this after the LightningModule's and other callbacks' epoch-end
+    hooks and after the best-checkpoint callback, so the file holds the epoch's final state.
+    """
+
+    def __init__(self, folder: Path, every_n_steps: int | None, start_step: int = 0) -> None:
+        self.path = folder / LAST
+        self.every_n_steps = every_n_steps
+        self.saved_step = start_step  # the resumed checkpoint already holds this step
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        n, step = self.every_n_steps, trainer.global_step
+        # global_step repeats over accumulated micro-batches: save each optimiser step once
+        if n and step % n == 0 and step != self.saved_step:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)  # also when a step save came first: this one has the validation
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # A stop signal reaches every rank at the same step (Lightning broadcasts it); any other
+        # error may have hit one rank only, and a save (which ends in a barrier) would hang.
+        together = isinstance(exception, SIGTERMException) or trainer.world_size == 1
+        if together and trainer.global_step != self.saved_step:
+            self._save(trainer)
+
+
+class PreemptionGuard(Callback):
+    """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGUSR1 (SLURM's
+    `--signal=SIGUSR1@90` warning) stop training at the end of the current step with a
+    checkpoint of that step; the CLI then exits with 128 + the signal number.
+
+    While training runs, Lightning's own SIGTERM handler does the work: it stops the loops at
+    a step boundary on every rank and raises SIGTERMException, on which LatestCheckpoint saves.
+    This guard records which signal came, hands SIGUSR1 over to that handler, and outside
+    training (building, exporting) turns either signal into `Preempted` at once. Lightning's
+    SLURM auto-requeue handler is not used: it saves from inside the signal handler, possibly
+    between the parameter groups of an optimiser step, and does not stop the run.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.phase: str | None = "before training"  # None while Lightning's handler acts
+        self.stopped_in: str | None = None  # the phase in which this guard raised Preempted
+        self._lightning_handler: Any = None  # Lightning's SIGTERM handler, while validating
+        self._held = False
+
+    @contextmanager
+    def installed(self) -> Iterator[PreemptionGuard]:
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+        if self.phase is not None:
+            self.stopped_in = self.phase
+            raise Preempted(signum, f"stopped by {signal.Signals(signum).name} {self.phase}")
+        if signum != signal.SIGTERM:  # Lightning's handler (installed over ours) takes it
+            signal.raise_signal(signal.SIGTERM)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.phase = None
+
+    # Lightning stops a validation half-way on SIGTERM, and a resume does not run the rest of it
+    # (measured: that epoch's val/* never appear and the best checkpoint never sees them). So a
+    # stop signal during validation is held until the validation ends, then handed on.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase is None:
+            self._lightning_handler = signal.signal(signal.SIGTERM, self._hold)
+            self._held = False
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+        self._held = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._lightning_handler is None:
+            return
+        signal.signal(signal.SIGTERM, self._lightning_handler)
+        self._lightning_handler = None
+        if self._held:
+            signal.raise_signal(signal.SIGTERM)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.phase = "after training"

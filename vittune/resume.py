@@ -1,0 +1,205 @@
+"""Resuming checked before anything starts: which checkpoint (`trainer.resume_from`, `auto`),
+whether it is a vittune training checkpoint, and whether the recipe and the model still fit it.
+
+Checkpoints are read with `weights_only=True` and `mmap=True`: only metadata and shapes are
+kept, the tensors stay on disk.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from pydantic import ValidationError
+
+from vittune.errors import RecipeError
+from vittune.recipe.schema import Recipe
+
+LAST = "last.ckpt"
+
+# Recipe keys a resume may change; they take effect as given. Any other difference from the
+# recipe stored in the checkpoint is refused: the restored weights, optimiser state and
+# schedule position would silently override it while recipe.yaml claimed otherwise.
+RESUME_MAY_CHANGE = (
+    "trainer.resume_from",
+    "trainer.max_epochs",  # continue a finished run: the schedule stretches to the new total
+    "trainer.max_steps",
+    "trainer.accelerator",
+    "trainer.devices",  # a requeued job may land on other hardware
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.precision",
+    "trainer.limit_val_batches",
+    "trainer.log_every_n_steps",
+    "trainer.early_stopping_patience",
+    "data.root",  # the same data may live elsewhere on another machine
+    "data.csv",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "data.on_corrupt",
+    "model.pretrained",  # only the starting weights, which the checkpoint replaces
+    "model.pretrained_sha256",
+    "checkpoint.every_n_steps",
+    "logging.",
+    "mae.vis_every_n_epochs",
+    "mae.vis_num_images",
+)
+
+
+@dataclass
+class ResumePoint:
+    """What vittune needs to know about a checkpoint before resuming from it."""
+
+    path: Path
+    global_step: int
+    epoch: int
+    recipe: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    optimizer_groups: list[list[int]]  # parameter counts per group, per optimiser
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+def read_resume_point(path: Path) -> ResumePoint:
+    """Read a checkpoint's metadata safely (`weights_only=True`; mmap: tensors stay on disk)."""
+    hint = "point trainer.resume_from at runs/<name>/checkpoints/last.ckpt, or use auto"
+    if not zipfile.is_zipfile(path):  # what torch.save (and so Lightning) writes
+        raise RecipeError(
+            f"trainer.resume_from {path} is not a checkpoint (not a torch file); {hint}"
+        )
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # text files, foreign pickles, truncated files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RecipeError(
+            f"trainer.resume_from {path} is not a vittune checkpoint ({first}); {hint}"
+        ) from None
+    hparams = content.get("hyper_parameters") if isinstance(content, dict) else None
+    needed = ("state_dict", "optimizer_states", "global_step", "loops")
+    if (
+        not isinstance(hparams, dict)
+        or "recipe" not in hparams
+        or any(k not in content for k in needed)
+    ):
+        raise RecipeError(
+            f"trainer.resume_from {path} is not a vittune training checkpoint (no recipe, loop or optimiser state); {hint}"
+        )
+    return ResumePoint(
+        path=path,
+        global_step=int(content["global_step"]),
+        epoch=int(content.get("epoch", 0)),
+        recipe=hparams["recipe"],
+        shapes={k: tuple(v.shape) for k, v in content["state_dict"].items()},
+        optimizer_groups=[
+            [len(g["params"]) for g in opt.get("param_groups", [])]
+            for opt in content["optimizer_states"]
+        ],
+        callbacks=content.get("callbacks", {}),
+    )
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint of a run folder with the most steps (last.ckpt on a tie), or None."""
+    found = []
+    for path in [*(folder / "checkpoints").glob("*.ckpt"), *folder.glob("hpc_ckpt_*.ckpt")]:
+        try:  # mmap: only the metadata is read, however large the weights
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        except Exception:  # not a checkpoint this run can resume from: the next one may be
+            continue
+        found.append((int(step), path.name == LAST, path.stat().st_mtime, path))
+    return max(found)[-1] if found else None
+
+
+def resolve_resume(recipe: Recipe) -> ResumePoint | None:
+    """The checkpoint `trainer.resume_from` names, checked against the recipe before a run
+    folder exists; None to start fresh (also `auto` in a folder without checkpoints yet)."""
+    spec = recipe.trainer.resume_from
+    if spec is None:
+        return None
+    if spec == "auto":
+        if not recipe.logging.name:
+            raise RecipeError(
+                "trainer.resume_from: auto resumes the run folder named by logging.name; set logging.name"
+            )
+        path = newest_checkpoint(Path(recipe.logging.run_dir) / recipe.logging.name)
+        if path is None:
+            return None
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise RecipeError(
+                f"trainer.resume_from {spec} is not a checkpoint file; point it at runs/<name>/checkpoints/last.ckpt, or use auto"
+            )
+    point = read_resume_point(path)
+    check_recipe_unchanged(point, recipe)
+    return point
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for key in sorted(set(old) | set(new), key=str)
+            for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_recipe_unchanged(point: ResumePoint, recipe: Recipe) -> None:
+    """Refuse recipe keys that differ from the checkpoint's and that a resume cannot apply."""
+    try:  # fill keys added to the schema since the checkpoint was written with their defaults
+        stored = Recipe.model_validate(point.recipe).model_dump(mode="json")
+    except ValidationError:
+        stored = point.recipe
+    changed = _differences(stored, recipe.model_dump(mode="json"))
+    refused = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if refused:
+        shown = ", ".join(refused[:6]) + (
+            f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        )
+        raise RecipeError(
+            f"trainer.resume_from {point.path}: the recipe differs from the checkpoint's in {shown},"
+            " which a resume cannot change; restore them, or start a new run from its weights"
+            f" with model.pretrained={point.path}"
+        )
+
+
+def check_model_fits(point: ResumePoint, task: L.LightningModule) -> None:
+    """The built task must have exactly the checkpoint's tensors (names and shapes)."""
+    shapes = dict(point.shapes)
+    # A task may put back what it keeps out of checkpoints (the distillation teacher).
+    probe: dict[str, Any] = {
+        "state_dict": {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    }
+    task.on_load_checkpoint(probe)
+    shapes = {k: tuple(v.shape) for k, v in probe["state_dict"].items()}
+    own = {k: tuple(v.shape) for k, v in task.state_dict().items()}
+    problems = [f"missing {k}" for k in own if k not in shapes]
+    problems += [f"unexpected {k}" for k in shapes if k not in own]
+    problems += [f"{k} {shapes[k]} vs {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
+    if problems:
+        raise RecipeError(
+            f"trainer.resume_from {point.path} holds another model than this recipe builds"
+            f" ({'; '.join(problems[:3])}); resume with the recipe and data that wrote it"
+        )
+
+
+class OptimizerCheck(Callback):
+    """Refuse, before any step, an optimiser state that does not fit the optimiser built now
+    (torch would load it silently into the wrong parameters, or fail deep in `step`)."""
+
+    def __init__(self, point: ResumePoint) -> None:
+        self.point = point
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        built = [[len(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        if built != self.point.optimizer_groups:
+            raise RecipeError(
+                f"trainer.resume_from {self.point.path} holds optimiser state for parameter groups"
+                f" of sizes {self.point.optimizer_groups}, but this run builds {built};"
+                " resume with the recipe that wrote it (freeze and optim settings included)"
+            )
