@@ -200,6 +200,7 @@ def test_cli_with_explicit_online_and_a_dead_server_stops_in_one_line(
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and "WANDB_MODE=online" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").glob("*"))  # nothing was trained: no folder left
 
 
 def test_hub_weights_with_a_dead_hf_endpoint_fail_fast(
