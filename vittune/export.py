@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vittune.models.weights import read_state_dict
+from vittune.recipe.schema import Command, Recipe
 from vittune.run_folder import atomic_write
+
+if TYPE_CHECKING:  # the assembly imports every task; an export needs none of them
+    from vittune.assembly import Assembly
 
 
 def export_config(
@@ -67,3 +72,27 @@ def write_export(
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(folder / "config.json", lambda temp: temp.write_text(text))
     return path
+
+
+def export_best(
+    assembly: Assembly, recipe: Recipe, command: Command, best_checkpoint: str | None, run_dir: Path
+) -> Path:
+    """Write the best (else last) weights of the exported module in timm key names."""
+    module = assembly.export_module(assembly.task)
+    candidates = [best_checkpoint, str(run_dir / "checkpoints" / "last.ckpt")]
+    best = next((p for p in candidates if p and Path(p).is_file()), None)
+    state = read_state_dict(Path(best)) if best else module.state_dict()
+    own = set(module.state_dict())
+    state = {k: v for k, v in state.items() if k in own}
+    config = export_config(
+        recipe.model.name,
+        module,
+        assembly.classes,
+        recipe.model.img_size,
+        recipe.model.in_chans,
+        assembly.mean,
+        assembly.std,
+        dict(recipe.model.kwargs),
+        command,
+    )
+    return write_export(state, config, run_dir, assembly.export_name)

@@ -1,7 +1,9 @@
-"""From a validated recipe to a finished run: build (task, datamodule, trainer), fit, export.
+"""A training run from a checked recipe: folder, resume, assembly, Trainer, fit, export.
 
-Data flows one way: recipe -> data, models, optim -> task -> Trainer. Nothing here knows
-about the command line.
+Data flows one way: recipe -> assembly (data, models, optim, task) -> Trainer -> export. The
+pieces live in assembly.py, trainer.py, run_folder.py, resume.py, checkpointing.py and
+export.py; this module puts them in order and turns stops and mistakes into clear endings.
+Nothing here knows about the command line.
 """
 
 from __future__ import annotations
@@ -13,25 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import (
-    Callback,
-    EarlyStopping,
-    LearningRateMonitor,
-)
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vittune.assembly import Assembly, build
+from vittune.assembly import build
 from vittune.checkpointing import (
-    AtomicCheckpointIO,
-    BestCheckpoint,
-    LatestCheckpoint,
     PreemptionGuard,
     carry_best,
 )
 from vittune.errors import Preempted, RecipeError
-from vittune.export import export_config, write_export
-from vittune.models.weights import read_state_dict
+from vittune.export import export_best
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
 from vittune.resume import OptimizerCheck, ResumePoint, check_model_fits, resolve_resume
@@ -43,8 +35,7 @@ from vittune.run_folder import (
     removed_on_user_error,
     wandb_run_id,
 )
-from vittune.tasks.base import VitTask
-from vittune.tracking import build_loggers
+from vittune.trainer import build_trainer, monitor_of
 
 
 @dataclass
@@ -54,108 +45,6 @@ class RunResult:
     best_score: float | None
     export_path: Path | None
     messages: list[str] = field(default_factory=list)
-
-
-def default_precision(accelerator: str) -> str:
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    # Native bf16 only (Ampere and newer): emulated bf16 on V100/T4 is slower than fp32.
-    native_bf16 = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
-    return "bf16-mixed" if native_bf16 else "32-true"
-
-
-def build_trainer(
-    recipe: Recipe,
-    run_dir: Path,
-    monitor: tuple[str, str],
-    extra: list[Callback],
-    start_step: int = 0,
-    wandb_id: str | None = None,
-) -> tuple[L.Trainer, BestCheckpoint, str | None]:
-    t = recipe.trainer
-    name = run_dir.name
-    loggers, wandb_message = build_loggers(recipe.logging, run_dir, name, wandb_id)
-    checkpoint = BestCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=monitor[0],
-        mode=monitor[1],
-        save_top_k=recipe.checkpoint.save_top_k,
-        save_last=False,  # LatestCheckpoint keeps last.ckpt, at every epoch and on a stop
-        auto_insert_metric_name=False,
-    )
-    latest = LatestCheckpoint(run_dir / "checkpoints", recipe.checkpoint.every_n_steps, start_step)
-    callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra]
-    if t.early_stopping_patience:
-        # Checked after each validation, not at the end of a training epoch: a run capped by
-        # `max_steps` mid-epoch ends an epoch that had no validation, and the metric is missing.
-        callbacks.append(
-            EarlyStopping(
-                monitor=monitor[0],
-                mode=monitor[1],
-                patience=t.early_stopping_patience,
-                check_on_train_epoch_end=False,
-            )
-        )
-    callbacks.append(latest)  # after the best checkpoint: last.ckpt holds its updated score
-    optional = {
-        "limit_train_batches": t.limit_train_batches,
-        "limit_val_batches": t.limit_val_batches,
-    }
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision or default_precision(t.accelerator),
-        max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        deterministic=t.deterministic,
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        log_every_n_steps=t.log_every_n_steps,
-        default_root_dir=str(run_dir),
-        logger=loggers,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        num_sanity_val_steps=0,
-        **{k: v for k, v in optional.items() if v is not None},
-    )
-    return trainer, checkpoint, wandb_message
-
-
-def monitor_of(recipe: Recipe, task: VitTask) -> tuple[str, str]:
-    metric = recipe.checkpoint.monitor or task.default_monitor[0]
-    mode = recipe.checkpoint.mode or (
-        task.default_monitor[1]
-        if metric == task.default_monitor[0]
-        else ("min" if "loss" in metric else "max")
-    )
-    return metric, mode
-
-
-def export_best(
-    assembly: Assembly, recipe: Recipe, command: Command, checkpoint: BestCheckpoint, run_dir: Path
-) -> Path:
-    """Write the best (else last) weights of the exported module in timm key names."""
-    module = assembly.export_module(assembly.task)
-    candidates = [checkpoint.best_model_path, str(run_dir / "checkpoints" / "last.ckpt")]
-    best = next((p for p in candidates if p and Path(p).is_file()), None)
-    state = read_state_dict(Path(best)) if best else module.state_dict()
-    own = set(module.state_dict())
-    state = {k: v for k, v in state.items() if k in own}
-    config = export_config(
-        recipe.model.name,
-        module,
-        assembly.classes,
-        recipe.model.img_size,
-        recipe.model.in_chans,
-        assembly.mean,
-        assembly.std,
-        dict(recipe.model.kwargs),
-        command,
-    )
-    return write_export(state, config, run_dir, assembly.export_name)
 
 
 def fit(
@@ -270,5 +159,7 @@ def _fit_into(
     score = checkpoint.best_model_score
     result.best_score = float(score) if score is not None else None
     if trainer.is_global_zero:
-        result.export_path = export_best(assembly, recipe, command, checkpoint, run_dir)
+        result.export_path = export_best(
+            assembly, recipe, command, checkpoint.best_model_path, run_dir
+        )
     return result

@@ -13,7 +13,7 @@ from helpers import expected_lr
 from vittune.assembly import build
 from vittune.optim.schedules import lr_multiplier
 from vittune.recipe.schema import Recipe
-from vittune.run import build_trainer
+from vittune.trainer import build_trainer
 
 
 @pytest.mark.parametrize(

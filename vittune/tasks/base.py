@@ -1,6 +1,7 @@
-"""The template every vittune LightningModule follows (after torchgeo's trainers):
-`__init__` stores the recipe, subclasses wire models, losses and metrics; optimisation
-and the schedule are shared here so that every task gets layer decay and warmup alike.
+"""The template every vittune LightningModule follows (after torchgeo's `BaseTask`):
+`__init__` stores the recipe, then runs `configure_models`, `configure_losses` and
+`configure_metrics`, which each task fills in; optimisation and the schedule are shared here
+so that every task gets layer decay and warmup alike.
 """
 
 from __future__ import annotations
@@ -39,16 +40,34 @@ def optimizer_steps_per_epoch(trainer: L.Trainer, total_steps: int) -> int:
 
 
 class VitTask(L.LightningModule):
-    """Shared optimiser/schedule wiring; subclasses define the model and the steps."""
+    """Shared template and optimiser/schedule wiring; subclasses define models and steps."""
 
     #: metric the checkpoint callback watches unless the recipe names one
     default_monitor: tuple[str, str] = ("val/loss", "min")
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None) -> None:
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, **parts: Any) -> None:
+        """`parts` are the built pieces (backbone, teacher, classes...) for `configure_models`.
+
+        The assembly builds the backbone (weights, surgery, freezing) before the task exists,
+        so the task receives it rather than creating it from the hyperparameters.
+        """
         super().__init__()
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir else None
         self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
+        self.configure_models(**parts)
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self, **parts: Any) -> None:
+        """Keep the modules this task trains or consults (the backbone as `self.model`)."""
+        raise NotImplementedError
+
+    def configure_losses(self) -> None:
+        """Create the loss modules (none by default: MAE's loss is part of its model)."""
+
+    def configure_metrics(self) -> None:
+        """Create the torchmetrics objects (none by default)."""
 
     def optimised_module(self) -> nn.Module:
         """The module whose parameters are grouped (the backbone; MAE adds its decoder)."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics import ConfusionMatrix, MetricCollection
+from torchmetrics import ConfusionMatrix, Metric, MetricCollection
 
+from vittune.losses import build_mixup, eval_loss, label_loss
 from vittune.plots import save_confusion_matrix
 from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
@@ -17,37 +17,9 @@ from vittune.tasks.metrics import EvaluationMetrics, classification_metrics
 from vittune.tracking import log_image
 
 
-def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
-    """n_samples / (n_classes * n_c), as scikit-learn's `class_weight='balanced'`."""
-    return counts.sum() / (len(counts) * counts.clamp(min=1))
-
-
-class WeightedSoftTargetCrossEntropy(nn.Module):
-    """Cross-entropy with class weights w [K] against soft targets y [B, K] (mixup, cutmix):
-
-        loss = sum_i sum_c w_c * y_ic * -log p_ic  /  sum_i sum_c w_c * y_ic
-
-    Numerator and denominator are linear in the target, so an image mixed lam : (1 - lam)
-    from classes a and b counts as lam of an image of a plus (1 - lam) of one of b. With
-    one-hot targets it is exactly `nn.CrossEntropyLoss(weight=w)` (which divides by the summed
-    weights of the true classes); with w = 1 it is timm's `SoftTargetCrossEntropy`. torch's
-    own weighted loss on probability targets divides by B instead, so it is neither, and timm
-    has no weighted version: hence this one. With label smoothing inside the targets (timm's
-    Mixup puts it there) the denominator also counts the smoothed mass, unlike torch's
-    `label_smoothing`, whose denominator counts the true classes only.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)  # the key torch's CrossEntropyLoss uses too
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        weighted = targets * self.weight  # [B, K]
-        nll = -(weighted * logits.float().log_softmax(dim=-1)).sum()
-        return nll / weighted.sum()
-
-
 class ClassificationTask(VitTask):
+    """Labels in, probabilities out; the distillation task extends it with a teacher."""
+
     default_monitor = ("val/acc1", "max")
 
     def __init__(
@@ -57,50 +29,36 @@ class ClassificationTask(VitTask):
         classes: list[str],
         class_weights: torch.Tensor | None = None,
         run_dir: str | Path | None = None,
+        **parts: Any,
     ) -> None:
-        super().__init__(recipe, run_dir)
+        super().__init__(
+            recipe, run_dir, model=model, classes=classes, class_weights=class_weights, **parts
+        )
+
+    def configure_models(
+        self, model: nn.Module, classes: list[str], class_weights: torch.Tensor | None = None
+    ) -> None:
         self.model = model
         self.classes = list(classes)
-        self.multi_label = recipe.data.multi_label
-        self.configure_losses(class_weights)
-        self.configure_metrics()
+        self.class_weights = class_weights
+        self.multi_label = self.recipe.data.multi_label
 
-    def configure_losses(self, class_weights: torch.Tensor | None) -> None:
-        recipe, n = self.recipe, len(self.classes)
-        augment = recipe.augment
-        self.mixup = None
-        if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
-            self.mixup = Mixup(
-                mixup_alpha=augment.mixup_alpha,
-                cutmix_alpha=augment.cutmix_alpha,
-                prob=augment.mix_prob,
-                label_smoothing=recipe.loss.label_smoothing,
-                num_classes=n,
-            )
-            self.train_loss = (
-                SoftTargetCrossEntropy()
-                if class_weights is None
-                else WeightedSoftTargetCrossEntropy(class_weights)
-            )
-        elif self.multi_label:
-            self.train_loss = nn.BCEWithLogitsLoss(pos_weight=class_weights)
-        else:
-            self.train_loss = nn.CrossEntropyLoss(
-                weight=class_weights, label_smoothing=recipe.loss.label_smoothing
-            )
-        # Unweighted and per image (per image and label): EvaluationMetrics averages over images.
-        self.eval_loss = (
-            nn.BCEWithLogitsLoss(reduction="none")
-            if self.multi_label
-            else nn.CrossEntropyLoss(reduction="none")
-        )
+    def configure_losses(self) -> None:
+        self.mixup = build_mixup(self.recipe, len(self.classes))
+        self.train_loss = label_loss(self.recipe, self.mixup is not None, self.class_weights)
+        self.eval_loss = eval_loss(self.multi_label)
+
+    def extra_eval_metrics(self) -> dict[str, Metric]:
+        """Further metrics `_evaluate` updates itself (distillation: each head, the teacher)."""
+        return {}
 
     def configure_metrics(self) -> None:
         n = len(self.classes)
         metrics = classification_metrics(n, self.multi_label)
+        extra = self.extra_eval_metrics()
         self.train_metrics = MetricCollection({"acc1": metrics["acc1"].clone()}, prefix="train/")
-        self.val_metrics = EvaluationMetrics(metrics, "val", self.classes)
-        self.test_metrics = EvaluationMetrics(metrics, "test", self.classes)
+        self.val_metrics = EvaluationMetrics(metrics, "val", self.classes, extra)
+        self.test_metrics = EvaluationMetrics(metrics, "test", self.classes, extra)
         self.val_confusion = (
             None if self.multi_label else ConfusionMatrix(task="multiclass", num_classes=n)
         )
@@ -111,24 +69,34 @@ class ClassificationTask(VitTask):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=-1)
 
+    def mix(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Any, bool]:
+        """(images, targets for the loss, whether they were mixed) for one training batch."""
+        images, targets = batch
+        if self.mixup is None:
+            return images, targets, False
+        images, soft_targets = self.mixup(images, targets)
+        return images, soft_targets, True
+
+    def score_training_batch(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Running train accuracy on unmixed batches (with mixup there are no hard targets).
+
+        update() only, logged once per epoch: logging the Metric objects every step costs
+        ~2 ms/step of Lightning bookkeeping (benchmarks/RESULTS.md).
+        """
+        labels = targets.long() if self.multi_label else targets
+        self.train_metrics.update(self.probabilities(logits.detach()), labels)
+
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        images, targets = batch
-        mixed_targets = None
-        if self.mixup is not None:
-            images, mixed_targets = self.mixup(images, targets)
+        images, loss_targets, mixed = self.mix(batch)
         logits = self(images)
-        loss = self.train_loss(logits, mixed_targets if mixed_targets is not None else targets)
+        loss = self.train_loss(logits, loss_targets)
         self.log(
             "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images)
         )
-        if mixed_targets is None:
-            # update() only, logged once per epoch: logging the Metric objects every step
-            # costs ~2 ms/step of Lightning bookkeeping (benchmarks/RESULTS.md).
-            self.train_metrics.update(
-                self.probabilities(logits), targets.long() if self.multi_label else targets
-            )
+        if not mixed:
+            self.score_training_batch(logits, batch[1])
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -136,14 +104,14 @@ class ClassificationTask(VitTask):
             self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
 
-    def _evaluate(self, batch, metrics: EvaluationMetrics) -> torch.Tensor:
+    def _evaluate(self, batch: Any, metrics: EvaluationMetrics) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
         probs = self.probabilities(logits)
         metrics.update(probs, targets, self.eval_loss(logits.float(), targets))
         return probs
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
         probs = self._evaluate(batch, self.val_metrics)
         if self.val_confusion is not None:
             self.val_confusion.update(probs.argmax(dim=-1), batch[1])
@@ -164,12 +132,12 @@ class ClassificationTask(VitTask):
         )
         log_image(self.loggers, "val/confusion_matrix", path)
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics.log(self)
 
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, list | tuple) else batch
         return self.probabilities(self(images))

@@ -8,8 +8,9 @@ student with one head (any other timm model) puts both terms on that head: the p
 
 timm's `TokenDistillationTask` computes the same loss, but it owns the student under its own
 attribute and runs the whole step itself; here Lightning runs the step and the student must
-stay `self.model` so that exports carry timm keys. We keep its maths (`distillation_term`) and
-build the teacher on its `DistillationTeacher` (vittune.models.teacher).
+stay `self.model` so that exports carry timm keys. The maths is in vittune.losses, the head
+reading in vittune.models.heads, the teacher in vittune.models.teacher; everything about
+metrics, mixing and evaluation logging is the classification task's.
 """
 
 from __future__ import annotations
@@ -18,72 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vittune.errors import RecipeError
+from vittune.losses import deit_loss, distillation_term
+from vittune.models.heads import has_distillation_head, split_heads
 from vittune.recipe.schema import Recipe
-from vittune.tasks.base import VitTask
-from vittune.tasks.metrics import EvaluationMetrics, classification_metrics
+from vittune.tasks.classification import ClassificationTask
+from vittune.tasks.metrics import EvaluationMetrics
 
 
-def has_distillation_head(model: nn.Module) -> bool:
-    """True for timm's distilled DeiT (class + distillation tokens, `head` + `head_dist`)."""
-    return hasattr(model, "set_distilled_training") and isinstance(
-        getattr(model, "head_dist", None), nn.Linear
-    )
-
-
-def split_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class-head, distillation-head) logits, each [B, K]; one head answers twice.
-
-    In training with `set_distilled_training(True)` timm returns both heads itself; in eval
-    it returns only their average, so the two heads are read here from the two tokens as
-    timm's `forward_head` does.
-    """
-    if not has_distillation_head(model):
-        logits = model(images)  # [B, K]
-        return logits, logits
-    if model.training and model.distilled_training:
-        return model(images)
-    tokens = model.forward_features(images)  # [B, 2 + N, D]: class, distillation, patches
-    cls_logits = model.head(model.head_drop(tokens[:, 0]))  # [B, K]
-    dist_logits = model.head_dist(model.head_drop(tokens[:, 1]))  # [B, K]
-    return cls_logits, dist_logits
-
-
-def distillation_term(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, tau: float = 1.0
-) -> torch.Tensor:
-    """The DeiT teacher term on the distillation head's logits [B, K].
-
-    hard: cross-entropy with the teacher's argmax as the label.
-    soft: tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)), mean over the batch
-    (the paper's formula and timm's `batchmean`; DeiT's code divides the summed KL by B * K,
-    which is the same term scaled by 1 / K).
-    """
-    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    if kind == "hard":
-        return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
-    if kind == "soft":
-        log_student = F.log_softmax(student_logits / tau, dim=-1)  # [B, K]
-        log_teacher = F.log_softmax(teacher_logits / tau, dim=-1)  # [B, K]
-        kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
-        return kl * tau**2
-    raise ValueError(f"unknown distillation type {kind!r}")
-
-
-def deit_loss(base: torch.Tensor, term: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """(1 - alpha) * label loss + alpha * teacher term; the label loss alone without a term."""
-    return base if term is None else (1.0 - alpha) * base + alpha * term
-
-
-class DistillationTask(VitTask):
-    default_monitor = ("val/acc1", "max")
+class DistillationTask(ClassificationTask):
+    """Classification whose loss adds a teacher term; single-label (recipe/checks.py)."""
 
     def __init__(
         self,
@@ -93,61 +41,30 @@ class DistillationTask(VitTask):
         classes: list[str],
         run_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(recipe, run_dir)
-        if recipe.distill is None:
-            raise RecipeError("distillation needs a `distill:` section with a teacher")
-        if recipe.data.multi_label:
-            raise RecipeError(
-                "vittune distill is single-label; set data.multi_label: false or use vittune finetune"
-            )
-        augment = recipe.augment
-        if augment.mixup_alpha + augment.cutmix_alpha > 0 and recipe.data.batch_size % 2:
-            raise RecipeError(
-                f"mixup/cutmix need an even data.batch_size, got {recipe.data.batch_size}"
-            )
-        if recipe.loss.class_weights != "none":
-            raise RecipeError(
-                "loss.class_weights is not supported by vittune distill; set loss.class_weights: none"
-            )
-        self.model = model
+        super().__init__(recipe, model, classes, None, run_dir, teacher=teacher)
+
+    def configure_models(
+        self,
+        model: nn.Module,
+        classes: list[str],
+        class_weights: torch.Tensor | None = None,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        super().configure_models(model, classes, class_weights)
         self.teacher = teacher
-        self.classes = list(classes)
-        self.kind = recipe.distill.type
-        self.alpha = recipe.distill.alpha
-        self.tau = recipe.distill.tau
+        cfg = self.recipe.distill
+        self.kind, self.alpha, self.tau = cfg.type, cfg.alpha, cfg.tau
         self.two_heads = has_distillation_head(model)
         if self.two_heads:
             model.set_distilled_training(True)  # training forward returns (cls, dist) logits
-        self.configure_losses()
-        self.configure_metrics()
 
-    def configure_losses(self) -> None:
-        recipe, augment = self.recipe, self.recipe.augment
-        self.mixup = None
-        if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
-            self.mixup = Mixup(
-                mixup_alpha=augment.mixup_alpha,
-                cutmix_alpha=augment.cutmix_alpha,
-                prob=augment.mix_prob,
-                label_smoothing=recipe.loss.label_smoothing,
-                num_classes=len(self.classes),
-            )
-            self.label_loss = SoftTargetCrossEntropy()
-        else:
-            self.label_loss = nn.CrossEntropyLoss(label_smoothing=recipe.loss.label_smoothing)
-        self.eval_loss = nn.CrossEntropyLoss(reduction="none")  # per image, see EvaluationMetrics
-
-    def configure_metrics(self) -> None:
-        n = len(self.classes)
-        metrics = classification_metrics(n, multi_label=False)
-        self.train_metrics = MetricCollection({"acc1": metrics["acc1"].clone()}, prefix="train/")
-        # Top-1 of each head alone, and of the teacher (a wrong class alignment shows here).
+    def extra_eval_metrics(self) -> dict[str, Metric]:
+        """Top-1 of each head alone, and of the teacher (a wrong class alignment shows here)."""
         names = (["acc1_cls", "acc1_dist"] if self.two_heads else []) + (
             ["acc1_teacher"] if self.kind != "none" else []
         )
-        heads = {name: MulticlassAccuracy(num_classes=n, average="micro") for name in names}
-        self.val_metrics = EvaluationMetrics(metrics, "val", self.classes, heads)
-        self.test_metrics = EvaluationMetrics(metrics, "test", self.classes, heads)
+        n = len(self.classes)
+        return {name: MulticlassAccuracy(num_classes=n, average="micro") for name in names}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The prediction: the average of the two heads' logits [B, K]."""
@@ -163,12 +80,9 @@ class DistillationTask(VitTask):
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        images, targets = batch
-        labels = targets
-        if self.mixup is not None:
-            images, labels = self.mixup(images, targets)  # the teacher sees the mixed images too
+        images, labels, mixed = self.mix(batch)  # the teacher sees the mixed images too
         cls_logits, dist_logits = split_heads(self.model, images)  # [B, K] each
-        base = self.label_loss(cls_logits.float(), labels)
+        base = self.train_loss(cls_logits.float(), labels)
         term = None
         if self.kind != "none":
             teacher_logits = self.teacher(images)  # [B, K], no grad, student's class order
@@ -176,17 +90,15 @@ class DistillationTask(VitTask):
         elif self.two_heads:
             # Without a teacher the distillation head learns the labels too, so that the
             # averaged prediction (and the export) is never half an untrained head.
-            term = self.label_loss(dist_logits.float(), labels)
+            term = self.train_loss(dist_logits.float(), labels)
         loss = deit_loss(base, term, self.alpha if self.kind != "none" else 0.5)
         size = len(images)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
         self.log("train/loss_cls", base, on_step=False, on_epoch=True, batch_size=size)
         if term is not None:
             self.log("train/loss_dist", term, on_step=False, on_epoch=True, batch_size=size)
-        if self.mixup is None:
-            averaged = (cls_logits.detach() + dist_logits.detach()).float() / 2  # [B, K]
-            self.train_metrics(averaged, targets)
-            self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=size)
+        if not mixed:
+            self.score_training_batch((cls_logits + dist_logits) / 2, batch[1])
         return loss
 
     def _evaluate(self, batch: Any, metrics: EvaluationMetrics) -> torch.Tensor:
@@ -201,22 +113,6 @@ class DistillationTask(VitTask):
         if self.kind != "none":
             metrics.extra["acc1_teacher"].update(self.teacher(images).float(), targets)
         return probs
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        self.val_metrics.log(self, monitor=self.recipe.checkpoint.monitor)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self.test_metrics.log(self)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(images).float().softmax(dim=-1)
 
     # The teacher is rebuilt from the recipe on every run: keep its weights out of checkpoints
     # (a ResNet-50 teacher would otherwise double a ViT-S checkpoint) and put them back on load.

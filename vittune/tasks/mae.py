@@ -39,12 +39,22 @@ class MaeTask(VitTask):
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
     ) -> None:
-        super().__init__(recipe, run_dir)  # recipe rules (e.g. no layer decay): recipe/checks.py
+        super().__init__(recipe, run_dir, encoder=encoder, mean=mean, std=std)
+
+    def configure_models(
+        self, encoder: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
+        """The encoder stays the plain timm module (timm key names); the decoder is built here.
+
+        The loss is part of the autoencoder's forward (masked patches only), so MAE has no
+        separate losses or metrics to configure. Recipe rules (no layer decay, decoder
+        geometry) are checked with the recipe (recipe/checks.py).
+        """
         check_encoder(encoder)
-        if recipe.mae is None:  # load_recipe adds the section, with MaeConfig's defaults
+        if self.recipe.mae is None:  # load_recipe adds the section, with MaeConfig's defaults
             raise ValueError("MaeTask needs a recipe with a `mae:` section")
-        self.cfg = recipe.mae
-        self.model = encoder  # the plain timm module: its state_dict keys are timm names
+        self.cfg = self.recipe.mae
+        self.model = encoder
         if self.cfg.pos_embed == "sincos":
             freeze_sincos_pos_embed(encoder)
         freeze_unused_encoder_parts(encoder)

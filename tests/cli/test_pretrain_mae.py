@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import TINY_OVERRIDES, make_class_images, run_cli, write_image
+from helpers import RECIPES
 from safetensors.torch import load_file
 
 from vittune.models.mae import sincos_pos_embed
@@ -52,7 +53,7 @@ def mae_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """One two-epoch MAE run on an unlabelled folder; (work dir, run dir, stdout)."""
     work = tmp_path_factory.mktemp("mae")
     make_unlabelled_folder(work / "unlabelled")
-    recipe = Path(__file__).parents[1] / "recipes" / "mae.yaml"
+    recipe = RECIPES / "mae.yaml"
     result = run_cli(
         "pretrain-mae",
         str(recipe),
@@ -112,7 +113,7 @@ def test_finetune_from_the_mae_run_at_another_resolution(mae_run):
     make_class_images(work / "labelled", {"a": 12, "b": 12})
     result = run_cli(
         "finetune",
-        str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml"),
+        str(RECIPES / "quickstart.yaml"),
         *TINY_OVERRIDES,
         "model.kwargs={}",  # taken from the MAE run's config.json
         "model.in_chans=1",
@@ -142,7 +143,7 @@ def test_resume_from_last_checkpoint_continues_with_the_decoder(mae_run):
     assert any(k.startswith("decoder.") for k in before["state_dict"])  # the full model is kept
     result = run_cli(
         "pretrain-mae",
-        str(Path(__file__).parents[1] / "recipes" / "mae.yaml"),
+        str(RECIPES / "mae.yaml"),
         *MAE_OVERRIDES,
         f"data.root={work / 'unlabelled'}",
         "trainer.max_epochs=3",

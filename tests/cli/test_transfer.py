@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import TINY_OVERRIDES, make_class_images, run_cli
+from helpers import ROOT
 from safetensors.torch import save_file
 
 from vittune.models.weights import read_state_dict
@@ -169,7 +170,7 @@ def test_ddp_with_frozen_blocks_needs_no_find_unused_parameters(workspace, sourc
 
 
 def test_inspect_medical_recipe_offline():
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     result = run_cli(
         "inspect", "recipes/medical.yaml", "model.pretrained=false", cwd=root, timeout=300
     )
