@@ -126,6 +126,79 @@ def inspect(
     guarded(action)
 
 
+RunArg = Annotated[str, typer.Argument(help="A run folder (runs/<name>) of finetune or distill.")]
+WeightsOpt = Annotated[
+    str, typer.Option(help="best (the exported model.safetensors), last (last.ckpt), or a file")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto (a GPU when there is one), cpu, cuda, cuda:1")]
+
+
+@app.command()
+def evaluate(
+    run: RunArg,
+    overrides: OverridesArg = None,
+    split: Annotated[
+        str,
+        typer.Option(help="auto (test, else val; all of new data), train, val, test or all"),
+    ] = "auto",
+    weights: WeightsOpt = "best",
+    name: Annotated[str | None, typer.Option(help="eval/<name>/ (default: the split)")] = None,
+    temperature: Annotated[
+        bool, typer.Option("--temperature", help="Also fit a temperature (calibration).")
+    ] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score a trained run on its test/val split, or on other data given as data.* overrides."""
+
+    def action() -> None:
+        from vittune.evaluate import evaluate_run
+        from vittune.evaluation.report import format_table
+
+        result = evaluate_run(run, overrides or [], split, weights, name, temperature, device)
+        typer.echo(
+            f"vittune evaluate: {run} ({weights} weights) on the {result.split} split:"
+            f" {result.report.num_samples} images"
+        )
+        if result.skipped:
+            typer.echo(f"  {len(result.skipped)} file(s) could not be decoded and are not scored")
+        typer.echo(format_table(result.report))
+        typer.echo(f"\nsaved in {result.folder}")
+
+    guarded(action)
+
+
+@app.command()
+def predict(
+    run: RunArg,
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, globs or a CSV.")],
+    out: Annotated[str, typer.Option("--out", help="Where to write the CSV.")] = "predictions.csv",
+    weights: WeightsOpt = "best",
+    batch_size: Annotated[int | None, typer.Option(help="Default: the run's.")] = None,
+    flip: Annotated[
+        bool, typer.Option("--flip", help="Average with the horizontally flipped image.")
+    ] = False,
+    threshold: Annotated[float, typer.Option(help="Multi-label decision threshold.")] = 0.5,
+    top_k: Annotated[int, typer.Option(help="Ranked classes per image in the CSV.")] = 3,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Predict classes for images with a trained run; unreadable files are listed, not fatal."""
+
+    def action() -> None:
+        from vittune.predict import predict_files
+
+        result = predict_files(
+            run, inputs, out, weights, batch_size, flip, threshold, top_k, device
+        )
+        failed = sum(error is not None for error in result.errors)
+        typer.echo(
+            f"vittune predict: {len(result.paths) - failed} images predicted"
+            + (f", {failed} unreadable (see the error column)" if failed else "")
+            + f"; wrote {result.out}"
+        )
+
+    guarded(action)
+
+
 def main() -> None:
     app(prog_name="vittune")
 

@@ -45,6 +45,7 @@ RESUME_MAY_CHANGE = (
     "model.pretrained",  # only the starting weights, which the checkpoint replaces
     "model.pretrained_sha256",
     "checkpoint.every_n_steps",
+    "checkpoint.test_last",
     "logging.",
     "mae.vis_every_n_epochs",
     "mae.vis_num_images",

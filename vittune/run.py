@@ -26,6 +26,7 @@ from vittune.errors import Preempted, RecipeError
 from vittune.export import export_best
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
+from vittune.results import test_weights, write_metrics_json
 from vittune.resume import OptimizerCheck, ResumePoint, check_model_fits, resolve_resume
 from vittune.run_folder import (
     RunFolder,
@@ -45,6 +46,7 @@ class RunResult:
     best_score: float | None
     export_path: Path | None
     messages: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # what metrics.json holds
 
 
 def fit(
@@ -158,8 +160,30 @@ def _fit_into(
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
     score = checkpoint.best_model_score
     result.best_score = float(score) if score is not None else None
+    best, last = checkpoint.best_model_path, run_dir / "checkpoints" / "last.ckpt"
+    tests = {}
+    if "test" in assembly.datamodule.found.splits and command != "pretrain-mae":
+        chosen = {"test_last": last} if recipe.checkpoint.test_last and last.is_file() else {}
+        chosen["test"] = Path(best) if best else last  # the exported weights
+        tests = test_weights(trainer, assembly, chosen)
     if trainer.is_global_zero:
-        result.export_path = export_best(
-            assembly, recipe, command, checkpoint.best_model_path, run_dir
-        )
+        result.export_path = export_best(assembly, recipe, command, best, run_dir)
+        result.metrics = write_metrics_json(run_dir, monitor[0], result.best_score, best, tests)
+        if tests:
+            log_tests(run_dir, tests, log)
     return result
+
+
+def log_tests(
+    run_dir: Path, tests: dict[str, dict[str, float]], log: Callable[[str], None]
+) -> None:
+    """Print the test numbers, and save the full test report (per class, confusion matrix,
+    calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
+    from vittune.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
+
+    for name, values in tests.items():
+        weights = "last" if name == "test_last" else "best"
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
+        log(f"  {name} ({weights} weights): {shown}")
+    report = evaluate_run(run_dir, [], split="test", name="test")
+    log(f"  test report: {report.folder}")

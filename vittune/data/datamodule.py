@@ -31,16 +31,22 @@ from vittune.errors import DataError
 from vittune.recipe.schema import AugmentConfig, DataConfig
 
 
-def scan_sources(cfg: DataConfig) -> SplitSamples:
-    """Find samples from the one configured source, leave out unreadable files, then make sure
-    a validation split exists (so the split is that of the same data without those files)."""
+def scan_readable(cfg: DataConfig) -> SplitSamples:
+    """The configured source's samples as it splits them (folders or a CSV's split column),
+    with unreadable files left out; no validation split is made up here."""
     if cfg.builtin:
         found = scan_folder(BUILTIN[cfg.builtin](), labelled=cfg.labelled)
     elif cfg.csv:
         found = scan_csv(cfg.csv, multi_label=cfg.multi_label, labelled=cfg.labelled)
     else:
         found = scan_folder(cfg.root, labelled=cfg.labelled)
-    drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
+    return drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
+
+
+def scan_sources(cfg: DataConfig) -> SplitSamples:
+    """Find samples from the one configured source, leave out unreadable files, then make sure
+    a validation split exists (so the split is that of the same data without those files)."""
+    found = scan_readable(cfg)
     if "val" not in found.splits:
         train, val = stratified_split(found.splits["train"], cfg.val_fraction, cfg.split_seed)
         if not val:

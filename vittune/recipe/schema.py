@@ -149,6 +149,8 @@ class CheckpointConfig(Section):
     save_top_k: int = 1
     # also rewrite last.ckpt every n optimiser steps (it is always rewritten at epoch ends)
     every_n_steps: int | None = Field(None, ge=1)
+    # with a test split, the best weights are tested after training; also the last ones?
+    test_last: bool = False
 
 
 class LoggingConfig(Section):

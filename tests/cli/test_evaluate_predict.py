@@ -1,0 +1,163 @@
+"""From a trained run to results: the test split after training, `vittune evaluate`, `vittune
+predict`, each checked against scikit-learn and plain timm on the same predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import make_class_images, run_cli
+from helpers import ONE_THREAD, tiny, write_recipe
+from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+from vittune.data.decode import read_image
+from vittune.data.transforms import build_eval_transform
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-class run on data with train/val/test folders (test tested at the end)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    for split, count, seed in [("train", 16, 0), ("val", 5, 1), ("test", 7, 2)]:
+        make_class_images(root / "data" / split, dict.fromkeys(CLASSES, count), seed=seed)
+    recipe = write_recipe(root / "r.yaml", {"data": {"root": str(root / "data")}})
+    overrides = tiny(
+        "trainer.max_epochs=3",
+        "data.batch_size=8",
+        "model.in_chans=1",
+        "checkpoint.test_last=true",
+        "logging.name=run",
+    )
+    result = run_cli("finetune", str(recipe), *overrides, cwd=root, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test (best weights): " in result.stdout and "test_last (last weights)" in result.stdout
+    return root / "runs" / "run"
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plain_timm_probs(run: Path, paths: list[Path]) -> np.ndarray:
+    """The exported weights in a plain timm model, images through the training transform."""
+    config = json.loads((run / "config.json").read_text())
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        num_classes=3,
+        img_size=32,
+        patch_size=8,
+        in_chans=1,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+    )
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    mean = config.get("mean") or config["pretrained_cfg"]["mean"]
+    std = config.get("std") or config["pretrained_cfg"]["std"]
+    transform = build_eval_transform((32, 32), tuple(mean), tuple(std))
+    images = torch.stack([transform(image=read_image(p, 1))["image"] for p in paths])
+    with torch.no_grad():
+        return model.eval()(images).softmax(dim=-1).numpy()
+
+
+@pytest.mark.slow
+def test_the_test_split_is_scored_after_training_and_equals_evaluate(trained: Path) -> None:
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["monitor"] == "val/acc1" and metrics["best_epoch"] in (0, 1, 2)
+    assert metrics["best_val"]["val/acc1"] == pytest.approx(metrics["best_score"])
+    assert set(metrics) >= {"test", "test_last"}
+    report = json.loads((trained / "eval" / "test" / "metrics.json").read_text())
+    assert report["split"] == "test" and report["num_samples"] == 21
+    # Lightning's trainer.test on the best checkpoint and evaluate's one-process report on the
+    # export agree: the same weights, the same images.
+    assert metrics["test"]["test/acc1"] == pytest.approx(report["overall"]["acc1"], abs=1e-6)
+    assert metrics["test"]["test/f1"] == pytest.approx(report["overall"]["f1_macro"], abs=1e-6)
+    assert metrics["test"]["test/auroc"] == pytest.approx(
+        report["overall"]["auroc_macro"], abs=1e-5
+    )
+    for name in ("confusion_matrix.png", "reliability.png", "per_class.csv", "predictions.csv"):
+        assert (trained / "eval" / "test" / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_evaluate_numbers_equal_sklearn_and_plain_timm_on_the_same_predictions(
+    trained: Path,
+) -> None:
+    result = run_cli("evaluate", str(trained), "--name", "again", cwd=trained, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on the test split: 21 images" in result.stdout and "specificity" in result.stdout
+    folder = trained / "eval" / "again"
+    report = json.loads((folder / "metrics.json").read_text())
+    predicted = rows(folder / "predictions.csv")
+    paths = [Path(r["path"]) for r in predicted]
+    truth = np.array([CLASSES.index(p.parent.name) for p in paths])
+    probs = plain_timm_probs(trained, paths)  # [21, 3], independent of vittune's loading
+    ours = np.array([[float(r[f"top{k}_prob"]) for k in (1, 2, 3)] for r in predicted])
+    np.testing.assert_allclose(np.sort(probs, axis=1)[:, ::-1], ours, atol=1e-5)
+    assert [r["predicted"] for r in predicted] == [CLASSES[i] for i in probs.argmax(axis=1)]
+    overall = report["overall"]
+    assert overall["acc1"] == pytest.approx(accuracy_score(truth, probs.argmax(axis=1)))
+    reference_f1 = f1_score(truth, probs.argmax(axis=1), average="macro", zero_division=np.nan)
+    assert overall["f1_macro"] == pytest.approx(reference_f1, abs=1e-9)
+    assert overall["auroc_macro"] == pytest.approx(
+        roc_auc_score(truth, probs, multi_class="ovr", average="macro"), abs=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_predict_agrees_with_evaluate_and_lists_unreadable_files(trained: Path) -> None:
+    test_dir = trained.parents[1] / "data" / "test"
+    broken = trained.parents[1] / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = trained.parents[1] / "preds.csv"
+    result = run_cli(
+        "predict", str(trained), str(test_dir), str(broken), "--out", str(out),
+        cwd=trained, env=ONE_THREAD,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "21 images predicted, 1 unreadable" in result.stdout
+    predicted = {r["path"]: r for r in rows(out)}
+    assert "cannot decode image" in predicted[str(broken)]["error"]
+    evaluated = rows(trained / "eval" / "test" / "predictions.csv")
+    for row in evaluated:  # the same image: the same class, the same probability
+        mine = predicted[str(Path(row["path"]))]
+        assert mine["predicted"] == row["predicted"] and mine["error"] == ""
+        assert float(mine["probability"]) == pytest.approx(float(row["probability"]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_on_other_data_aligns_classes_by_name(trained: Path, tmp_path: Path) -> None:
+    # A folder with two of the three classes, in another order on disk: labels follow names.
+    make_class_images(tmp_path / "new", {"c": 4, "a": 4}, seed=5)
+    result = run_cli(
+        "evaluate", str(trained), f"data.root={tmp_path / 'new'}", cwd=tmp_path, env=ONE_THREAD
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((trained / "eval" / "new" / "metrics.json").read_text())
+    assert report["split"] == "all" and report["num_samples"] == 8
+    supports = {r["name"]: r["support"] for r in report["per_class"]}
+    assert supports == {"a": 4, "b": 0, "c": 4}
+    make_class_images(tmp_path / "other", {"a": 2, "zebra": 2}, seed=6)
+    unknown = run_cli(
+        "evaluate", str(trained), f"data.root={tmp_path / 'other'}", cwd=tmp_path, env=ONE_THREAD
+    )
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "zebra" in unknown.stderr and "never learned" in unknown.stderr
+
+
+def test_evaluate_refuses_what_is_not_a_classification_run(tmp_path: Path) -> None:
+    result = run_cli("evaluate", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "not a vittune run folder" in result.stderr
+    assert result.stderr.count("\n") == 1
+    (tmp_path / "recipe.yaml").write_text("task: pretrain-mae\ndata: {builtin: digits}\n")
+    mae = run_cli("predict", str(tmp_path), str(tmp_path), cwd=tmp_path)
+    assert mae.returncode == 2 and "MAE pretraining run" in mae.stderr

@@ -1,0 +1,248 @@
+"""`vittune evaluate RUN`: score a trained run on a split of its data, or on any folder or CSV.
+
+One process, every image once (exact counts), the training preprocessing. The numbers come
+from vittune.evaluation (each checked against scikit-learn); this module picks the images,
+runs the model, and writes the report into `RUN/eval/<name>/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vittune.data.datamodule import scan_readable, scan_sources
+from vittune.data.datasets import ImageDataset, Sample, SplitSamples
+from vittune.data.decode import read_image
+from vittune.errors import DataError, RecipeError
+from vittune.evaluation.figures import (
+    save_confusion_figure,
+    save_mistakes_grid,
+    save_reliability_diagram,
+    save_roc_curves,
+)
+from vittune.evaluation.prediction_csv import write_predictions
+from vittune.evaluation.report import EvaluationReport, build_report
+from vittune.trained_run import TrainedRun, align_to_run, build_trained, load_trained_run
+
+SPLITS = ("auto", "train", "val", "test", "all")
+
+
+@dataclass
+class Evaluation:
+    report: EvaluationReport
+    folder: Path
+    split: str
+    paths: list[Path]
+    probs: np.ndarray  # [N, K]
+    skipped: list[Path]
+
+
+class _Indexed(Dataset):
+    """(index, (image, target) or None): keeps each prediction tied to its file."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, object]:
+        return index, self.dataset[index]
+
+
+def _collate(items: list[tuple[int, object]]) -> tuple[list[int], list[int], object]:
+    kept = [(i, item) for i, item in items if item is not None]
+    failed = [i for i, item in items if item is None]
+    if not kept:
+        return [], failed, None
+    images = torch.stack([item[0] for _, item in kept])  # [B, C, H, W]
+    targets = torch.stack([item[1] for _, item in kept])  # [B] or [B, K]
+    return [i for i, _ in kept], failed, (images, targets)
+
+
+def device_for(choice: str = "auto") -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+@torch.no_grad()
+def predict_dataset(
+    task: torch.nn.Module,
+    dataset: ImageDataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    flip: bool = False,
+) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
+    """(scored indices, undecodable indices, probs [N, K], targets) over a dataset, in order."""
+    loader = DataLoader(
+        _Indexed(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+    )
+    task.to(device).eval()
+    scored, failed, probs, targets = [], [], [], []
+    for indices, bad, batch in loader:
+        failed += bad
+        if batch is None:
+            continue
+        images = batch[0].to(device)
+        p = task.probabilities(task(images))
+        if flip:  # horizontal-flip averaging: the mean of the two probability vectors
+            p = (p + task.probabilities(task(images.flip(-1)))) / 2
+        scored += indices
+        probs.append(p.float().cpu())
+        targets.append(batch[1])
+    if not scored:
+        raise DataError("no image could be decoded; check the files")
+    return scored, failed, torch.cat(probs).numpy(), torch.cat(targets).numpy()
+
+
+def choose_samples(run: TrainedRun, split: str, new_data: bool) -> tuple[SplitSamples, str]:
+    """The images to score: the run's test (else validation) split, or all of new data."""
+    cfg = run.recipe.data
+    if new_data:  # data.* overrides name other data: score all of it unless a split is named
+        found = scan_readable(cfg)
+        chosen = "all" if split == "auto" else split
+    else:  # the run's own data, split exactly as in training (same seed and fractions)
+        found = scan_sources(cfg)
+        chosen = ("test" if "test" in found.splits else "val") if split == "auto" else split
+    if chosen == "all":
+        samples = [s for entries in found.splits.values() for s in entries]
+    elif chosen in found.splits:
+        samples = found.splits[chosen]
+    else:
+        raise DataError(
+            f"the data has no {chosen!r} split (it has {sorted(found.splits)}); pick --split"
+            f" {'|'.join(sorted(found.splits))} or all"
+        )
+    if any(not s.labels for s in samples):
+        raise DataError("evaluate needs labelled images; use `vittune predict` for unlabelled ones")
+    picked = SplitSamples(found.classes, {"val": samples}, found.refused)
+    return align_to_run(picked, run.classes), chosen
+
+
+def _fresh_folder(base: Path, name: str) -> Path:
+    candidate, suffix = base / name, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = base / f"{name}-{suffix}"
+
+
+def _display_images(run: TrainedRun, paths: list[Path]) -> np.ndarray:
+    """[M, C, H, W] in [0, 1] at the model's input size: what the model saw, before normalising."""
+    cfg, (height, width) = run.recipe.data, run.recipe.model.img_size
+    pixels = [
+        cv2.resize(read_image(p, run.recipe.model.in_chans, cfg.intensity), (width, height))
+        for p in paths
+    ]
+    return np.stack([p if p.ndim == 3 else p[:, :, None] for p in pixels]).transpose(0, 3, 1, 2)
+
+
+def _per_class_csv(report: EvaluationReport) -> str:
+    columns = ["precision", "recall", "specificity", "f1", "auroc"]
+    lines = [",".join(["class", *columns, "support"])]
+    for row in report.per_class.rows():
+        name = '"' + str(row["name"]).replace('"', '""') + '"'
+        lines.append(",".join([name, *(f"{row[c]:.6g}" for c in columns), str(row["support"])]))
+    return "\n".join(lines) + "\n"
+
+
+def _target_names(report: EvaluationReport, target: np.ndarray) -> str:
+    if report.multi_label:
+        return ";".join(report.classes[k] for k in np.flatnonzero(target)) or "(none)"
+    return report.classes[int(target)]
+
+
+def write_outputs(run: TrainedRun, result: Evaluation, targets: np.ndarray, meta: dict) -> None:
+    """metrics.json, per_class.csv, predictions.csv and the figures, into the eval folder."""
+    report, folder = result.report, result.folder
+    document = {**meta, **report.to_dict()}
+    (folder / "metrics.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    (folder / "per_class.csv").write_text(_per_class_csv(report))
+    write_predictions(
+        folder / "predictions.csv",
+        result.paths,
+        result.probs,
+        report.classes,
+        multi_label=report.multi_label,
+    )
+    title = f"{run.folder.name}, {result.split} split, {report.num_samples} images"
+    if not report.multi_label:
+        save_confusion_figure(
+            report.confusion, report.classes, folder / "confusion_matrix.png", title
+        )
+        save_reliability_diagram(report.reliability, folder / "reliability.png", title)
+    if report.roc:
+        save_roc_curves(report.roc, folder / "roc.png", title)
+    picks = [int(i) for i in report.mistakes]
+    if picks:
+        predicted = result.probs.argmax(axis=1)  # [N]; multi-label: the most confident label
+        save_mistakes_grid(
+            _display_images(run, [result.paths[i] for i in picks]),
+            [_target_names(report, targets[i]) for i in picks],
+            [report.classes[int(predicted[i])] for i in picks],
+            [float(result.probs[i, predicted[i]]) for i in picks],
+            folder / "mistakes.png",
+        )
+
+
+def evaluate_run(
+    run_folder: str | Path,
+    overrides: list[str] | None = None,
+    split: str = "auto",
+    weights: str = "best",
+    name: str | None = None,
+    temperature: bool = False,
+    device: str = "auto",
+) -> Evaluation:
+    """Score a run; write `RUN/eval/<name>/` (never over an earlier evaluation)."""
+    if split not in SPLITS:
+        raise RecipeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    overrides = list(overrides or [])
+    run = load_trained_run(run_folder, overrides, weights)
+    new_data = any(o.split("=", 1)[0].strip().startswith("data.") for o in overrides)
+    found, chosen = choose_samples(run, split, new_data)
+    assembly = build_trained(run, found)
+    dataset = assembly.datamodule.dataset("val")
+    samples: list[Sample] = found.splits["val"]
+    cfg = run.recipe.data
+    batch = cfg.eval_batch_size or cfg.batch_size
+    scored, failed, probs, targets = predict_dataset(
+        assembly.task, dataset, batch, cfg.num_workers, device_for(device)
+    )
+    report = build_report(
+        probs,
+        targets.astype(np.int64) if run.multi_label else targets,
+        run.classes,
+        temperature=temperature,
+    )
+    source = cfg.root or cfg.csv or f"builtin {cfg.builtin}"
+    base_name = name or (chosen if not new_data else Path(str(source)).stem or chosen)
+    folder = _fresh_folder(Path(run_folder) / "eval", base_name)
+    result = Evaluation(
+        report,
+        folder,
+        chosen,
+        [samples[i].path for i in scored],
+        probs,
+        [samples[i].path for i in failed],
+    )
+    meta = {
+        "run": str(run.folder),
+        "weights": str(run.weights),
+        "data": str(source),
+        "split": chosen,
+        "skipped_files": [str(p) for p in result.skipped],
+    }
+    write_outputs(run, result, targets, meta)
+    return result

@@ -1,0 +1,120 @@
+"""`vittune predict RUN INPUTS... --out preds.csv`: class probabilities for any images.
+
+Files, folders, globs and CSVs are expanded (vittune.evaluation.inputs); every image goes
+through the run's evaluation preprocessing and model in batches; a file that cannot be read
+gets a row with its error instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vittune.data.decode import read_image
+from vittune.errors import DataError, RecipeError
+from vittune.evaluate import device_for
+from vittune.evaluation.inputs import expand_inputs
+from vittune.evaluation.prediction_csv import write_predictions
+from vittune.trained_run import build_trained, load_trained_run
+
+
+@dataclass
+class Predictions:
+    out: Path
+    paths: list[Path]
+    probs: np.ndarray  # [N, K]; rows of unreadable files are NaN
+    errors: list[str | None]
+    classes: list[str]
+
+
+class _Files(Dataset):
+    """(index, image tensor or None, error or None) for each file, decoded as in training."""
+
+    def __init__(self, paths: list[Path], transform, in_chans: int, intensity: str, limit) -> None:
+        self.paths, self.transform = paths, transform
+        self.in_chans, self.intensity, self.limit = in_chans, intensity, limit
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            pixels = read_image(self.paths[index], self.in_chans, self.intensity, self.limit)
+        except DataError as err:
+            return index, None, str(err)
+        return index, self.transform(image=pixels)["image"], None
+
+
+def _collate(items: list) -> list:
+    return items  # images are stacked after the unreadable ones are taken out
+
+
+@torch.no_grad()
+def predict_files(
+    run_folder: str | Path,
+    inputs: list[str],
+    out: str | Path,
+    weights: str = "best",
+    batch_size: int | None = None,
+    flip: bool = False,
+    threshold: float = 0.5,
+    top_k: int = 3,
+    device: str = "auto",
+    progress: bool | None = None,
+) -> Predictions:
+    """Predict every image in `inputs` with a trained run; write the CSV to `out`."""
+    if not 0.0 < threshold < 1.0:
+        raise RecipeError(f"--threshold must be between 0 and 1, got {threshold}")
+    if top_k < 1:
+        raise RecipeError(f"--top-k must be at least 1, got {top_k}")
+    run = load_trained_run(run_folder, [], weights)
+    paths = expand_inputs(inputs)
+    assembly = build_trained(run)
+    cfg, task = run.recipe.data, assembly.task
+    files = _Files(
+        paths,
+        assembly.datamodule.eval_transform,
+        run.recipe.model.in_chans,
+        cfg.intensity,
+        cfg.max_image_pixels,
+    )
+    loader = DataLoader(
+        files,
+        batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+    )
+    target = device_for(device)
+    task.to(target).eval()
+    probs = np.full((len(paths), len(run.classes)), np.nan, dtype=np.float32)
+    errors: list[str | None] = [None] * len(paths)
+    # tqdm's disable=None: a bar on a terminal, nothing in a log file.
+    for items in tqdm(
+        loader, desc="predict", unit="batch", disable=None if progress is None else not progress
+    ):
+        for index, _, error in items:
+            errors[index] = error
+        good = [(index, image) for index, image, _ in items if image is not None]
+        if not good:
+            continue
+        images = torch.stack([image for _, image in good]).to(target)  # [B, C, H, W]
+        p = task.probabilities(task(images))
+        if flip:  # horizontal-flip averaging: the mean of the two probability vectors
+            p = (p + task.probabilities(task(images.flip(-1)))) / 2
+        probs[[index for index, _ in good]] = p.float().cpu().numpy()
+    written = write_predictions(
+        out,
+        paths,
+        probs,
+        run.classes,
+        errors=errors,
+        multi_label=run.multi_label,
+        threshold=threshold,
+        top_k=min(top_k, len(run.classes)),
+    )
+    return Predictions(written, paths, probs, errors, run.classes)

@@ -1,0 +1,121 @@
+"""A finished run, loaded back for `evaluate` and `predict`: its recipe, weights and classes.
+
+The model is built through `assembly.build` from the run's own resolved recipe, so scoring
+and prediction use exactly the architecture and preprocessing (size, channels, intensity
+scaling, mean/std) that training used; only the weights come from the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vittune.assembly import Assembly, build
+from vittune.data.datasets import Sample, SplitSamples
+from vittune.errors import DataError, RecipeError
+from vittune.recipe.load import load_recipe
+from vittune.recipe.schema import Recipe
+
+WEIGHT_CHOICES = ("best", "last")
+
+
+@dataclass
+class TrainedRun:
+    folder: Path
+    recipe: Recipe
+    classes: list[str]
+    weights: Path
+
+    @property
+    def multi_label(self) -> bool:
+        return self.recipe.data.multi_label
+
+
+def _run_classes(folder: Path) -> list[str]:
+    """The class names the run's head predicts, in head order (from its exported config)."""
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        raise RecipeError(
+            f"{config_file} is missing or not JSON; the run did not finish its export"
+        ) from None
+    vittune_part = config.get("vittune") if isinstance(config.get("vittune"), dict) else {}
+    classes = config.get("classes") or vittune_part.get("classes") or config.get("label_names")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise RecipeError(f"{config_file} names no classes; is this a classification run?")
+    return classes
+
+
+def _weights_file(folder: Path, weights: str) -> Path:
+    if weights == "best":
+        path = folder / "model.safetensors"
+    elif weights == "last":
+        path = folder / "checkpoints" / "last.ckpt"
+    else:
+        path = Path(weights).expanduser()
+    if not path.is_file():
+        raise RecipeError(
+            f"weights {path} not found; use --weights best (the export), last, or a file"
+        )
+    return path
+
+
+def load_trained_run(
+    folder: str | Path, overrides: list[str] | None = None, weights: str = "best"
+) -> TrainedRun:
+    """Read a run folder (`recipe.yaml`, `config.json`, weights); overrides apply to its recipe."""
+    folder = Path(folder)
+    recipe_file = folder / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise RecipeError(
+            f"{folder} is not a vittune run folder (no recipe.yaml); give the folder a finished"
+            " `vittune finetune` or `vittune distill` run printed"
+        )
+    recipe = load_recipe(recipe_file, overrides or [], command=None)
+    if (recipe.task or "finetune") == "pretrain-mae" or recipe.mae is not None:
+        raise RecipeError(
+            f"{folder} is an MAE pretraining run: it has no classifier; fine-tune it first"
+            f" (model.pretrained: {folder})"
+        )
+    path = _weights_file(folder, weights)
+    model = recipe.model.model_copy(update={"pretrained": str(path), "keep_head": True})
+    # `task` goes: a distilled student is scored as the classifier it is (its two heads
+    # averaged, which is what timm's distilled DeiT returns in eval mode).
+    recipe = recipe.model_copy(update={"model": model, "task": None, "distill": None})
+    return TrainedRun(folder, recipe, _run_classes(folder), path)
+
+
+def align_to_run(found: SplitSamples, run_classes: list[str]) -> SplitSamples:
+    """Re-index the data's labels into the run's class order; unknown class names are an error.
+
+    A folder of images to score may hold only some of the classes (its class list is read
+    from its sub-folders), so labels are matched by name, never by position.
+    """
+    unknown = sorted(set(found.classes) - set(run_classes))
+    if unknown:
+        raise DataError(
+            f"the data has classes {unknown[:8]} that the run never learned (it knows"
+            f" {run_classes[:8]}{'...' if len(run_classes) > 8 else ''}); score data with the run's classes"
+        )
+    index = [run_classes.index(name) for name in found.classes]
+    aligned = SplitSamples(classes=list(run_classes), refused=found.refused)
+    for split, samples in found.splits.items():
+        aligned.splits[split] = [
+            Sample(s.path, tuple(index[label] for label in s.labels)) for s in samples
+        ]
+    return aligned
+
+
+def build_trained(run: TrainedRun, found: SplitSamples | None = None) -> Assembly:
+    """The run's classifier with its trained head, and a data module over `found`."""
+    stand_in = SplitSamples(classes=list(run.classes), splits={"train": [], "val": []})
+    assembly = build(run.recipe, "finetune", found=found or stand_in)
+    if assembly.report.reinitialised:
+        raise RecipeError(
+            f"{run.weights} holds no trained head for the run's {len(run.classes)} classes"
+            f" ({', '.join(assembly.report.reinitialised)}); point --weights at this run's weights"
+        )
+    assembly.task.eval()
+    return assembly
