@@ -121,7 +121,7 @@ class LatestCheckpoint(Checkpoint):
         self.saved_step = start_step  # the resumed checkpoint already holds this step
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
