@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from vittune.callbacks import GradualUnfreeze
+from vittune.callbacks import AttentionMaps, GradualUnfreeze
 from vittune.data.datamodule import ImageDataModule, scan_sources
 from vittune.data.datasets import SplitSamples
 from vittune.errors import DataError, RecipeError
@@ -71,6 +71,16 @@ def freeze_for_recipe(model: nn.Module, recipe: Recipe) -> list[Callback]:
     return [GradualUnfreeze(cfg, recipe.optim)] if cfg.unfreeze_schedule else []
 
 
+def attention_callbacks(
+    recipe: Recipe, run_dir: Path | None, mean: tuple[float, ...], std: tuple[float, ...]
+) -> list[Callback]:
+    """`logging.attention_every_n_epochs`: attention maps of fixed validation images."""
+    every = recipe.logging.attention_every_n_epochs
+    if every is None or run_dir is None:
+        return []
+    return [AttentionMaps(run_dir, every, mean, std)]
+
+
 def _datamodule(
     recipe: Recipe,
     mean: tuple[float, ...],
@@ -98,7 +108,7 @@ def build_finetune(recipe: Recipe, found: SplitSamples, run_dir: Path | None) ->
         model, recipe.data.mean, recipe.data.std, recipe.model.in_chans
     )
     datamodule = _datamodule(recipe, mean, std, found, run_dir)
-    callbacks = freeze_for_recipe(model, recipe)
+    callbacks = freeze_for_recipe(model, recipe) + attention_callbacks(recipe, run_dir, mean, std)
     task = ClassificationTask(recipe, model, classes, class_weights(recipe, datamodule), run_dir)
     return Assembly(task, datamodule, report, classes, mean, std, callbacks=callbacks)
 
@@ -128,7 +138,7 @@ def build_distill(recipe: Recipe, found: SplitSamples, run_dir: Path | None) -> 
     )
     teacher = build_teacher(recipe.distill.teacher, classes, recipe.model.in_chans, mean, std)
     datamodule = _datamodule(recipe, mean, std, found, run_dir)
-    callbacks = freeze_for_recipe(student, recipe)
+    callbacks = freeze_for_recipe(student, recipe) + attention_callbacks(recipe, run_dir, mean, std)
     task = DistillationTask(recipe, student, teacher, classes, run_dir)
     return Assembly(task, datamodule, report, classes, mean, std, callbacks=callbacks)
 

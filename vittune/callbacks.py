@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from vittune.attention import attention_maps
+from vittune.attention_report import display_image, save_attention_figure
 from vittune.models.freezing import frozen_parameter_names
 from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.schema import FreezeConfig, OptimConfig
+from vittune.tracking import log_image
 
 
 class GradualUnfreeze(Callback):
@@ -87,3 +92,42 @@ class GradualUnfreeze(Callback):
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+class AttentionMaps(Callback):
+    """Every `every_n_epochs`, the attention of a fixed set of validation images, saved to
+    `<run>/attention/epoch_NNN/` and logged to W&B (`logging.attention_every_n_epochs`)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        every_n_epochs: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        num_images: int = 4,
+    ) -> None:
+        self.run_dir, self.every, self.num_images = run_dir, every_n_epochs, num_images
+        self.mean, self.std = mean, std
+        self.images: torch.Tensor | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        if self.images is None and batch_idx == 0:  # the val loader is not shuffled: fixed set
+            self.images = batch[0][: self.num_images].detach().clone()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.images is None or trainer.sanity_checking or (epoch + 1) % self.every:
+            return
+        if not trainer.is_global_zero:
+            return
+        heads, rollout = attention_maps(pl_module.model, self.images.to(pl_module.device))
+        folder = self.run_dir / "attention" / f"epoch_{epoch:03d}"
+        for k in range(len(self.images)):
+            path = save_attention_figure(
+                display_image(self.images[k], self.mean, self.std),
+                heads[k].cpu().numpy(),
+                rollout[k].cpu().numpy(),
+                folder / f"image_{k}.png",
+                f"validation image {k}, epoch {epoch}",
+            )
+            log_image(trainer.loggers, f"val/attention_{k}", path)

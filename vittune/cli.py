@@ -199,6 +199,32 @@ def predict(
     guarded(action)
 
 
+@app.command()
+def attention(
+    run: RunArg,
+    images: Annotated[list[str], typer.Argument(help="Image files, folders, globs or a CSV.")],
+    out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "attention",
+    weights: WeightsOpt = "best",
+    head_fusion: Annotated[
+        str, typer.Option(help="Rollout: mean, max or min over heads.")
+    ] = "mean",
+    discard_ratio: Annotated[
+        float, typer.Option(help="Rollout: share of the weakest attention weights dropped.")
+    ] = 0.0,
+) -> None:
+    """Attention maps of a trained ViT: last-block class-token attention and rollout."""
+
+    def action() -> None:
+        from vittune.attention_report import attention_for_files
+
+        written, failed = attention_for_files(run, images, out, weights, head_fusion, discard_ratio)
+        typer.echo(f"vittune attention: {len(written)} image(s) -> {out}")
+        for line in failed:
+            typer.echo(f"  skipped {line}", err=True)
+
+    guarded(action)
+
+
 def main() -> None:
     app(prog_name="vittune")
 

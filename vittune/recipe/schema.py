@@ -161,6 +161,8 @@ class LoggingConfig(Section):
     project: str = "vittune"
     entity: str | None = None
     tags: list[str] = Field(default_factory=list)
+    # save the attention maps of a few fixed validation images every n epochs (ViTs)
+    attention_every_n_epochs: int | None = Field(None, ge=1)
 
 
 class FreezeConfig(Section):

@@ -1,5 +1,6 @@
 """From a trained run to results: the test split after training, `vittune evaluate`, `vittune
-predict`, each checked against scikit-learn and plain timm on the same predictions."""
+predict` (checked against scikit-learn and plain timm on the same predictions) and
+`vittune attention` (and its maps saved during training)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "data.batch_size=8",
         "model.in_chans=1",
         "checkpoint.test_last=true",
+        "logging.attention_every_n_epochs=3",
         "logging.name=run",
     )
     result = run_cli("finetune", str(recipe), *overrides, cwd=root, env=ONE_THREAD)
@@ -161,3 +163,28 @@ def test_evaluate_refuses_what_is_not_a_classification_run(tmp_path: Path) -> No
     (tmp_path / "recipe.yaml").write_text("task: pretrain-mae\ndata: {builtin: digits}\n")
     mae = run_cli("predict", str(tmp_path), str(tmp_path), cwd=tmp_path)
     assert mae.returncode == 2 and "MAE pretraining run" in mae.stderr
+
+
+@pytest.mark.slow
+def test_attention_maps_during_training_and_from_the_command(trained: Path) -> None:
+    saved = sorted((trained / "attention").glob("epoch_*/image_*.png"))
+    assert [p.parent.name for p in saved] == ["epoch_002"] * 4  # every 3rd epoch, 4 images
+    test_dir = trained.parents[1] / "data" / "test" / "b"
+    out = trained.parents[1] / "maps"
+    broken = trained.parents[1] / "broken-attention.png"
+    broken.write_bytes(b"\x89PNG\r\n")
+    result = run_cli(
+        "attention", str(trained), str(test_dir), str(broken), "--out", str(out),
+        "--head-fusion", "max", "--discard-ratio", "0.5", cwd=trained, env=ONE_THREAD,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "7 image(s)" in result.stdout and "skipped" in result.stderr
+    pictures = sorted(out.glob("*_attention.png"))
+    assert len(pictures) == 7
+    assert plt_image_shape(pictures[0])[0] > 100  # a real figure, not an empty file
+
+
+def plt_image_shape(path: Path) -> tuple[int, ...]:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path).shape

@@ -1,0 +1,116 @@
+"""`vittune attention RUN IMAGES... --out DIR`, and the maps saved during training.
+
+Per image one PNG: the input, the last block's class-token attention (the mean over heads
+and each head), and the attention rollout, upsampled over the image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vittune.attention import attention_maps  # noqa: E402
+from vittune.data.decode import read_image  # noqa: E402
+from vittune.errors import DataError  # noqa: E402
+from vittune.evaluation.inputs import expand_inputs  # noqa: E402
+
+MAX_HEADS_SHOWN = 12
+
+
+def _show(image: np.ndarray) -> dict:
+    """imshow arguments for a [C, H, W] image in [0, 1]."""
+    if image.shape[0] == 3:
+        return {"X": image.transpose(1, 2, 0)}
+    return {"X": image.mean(axis=0), "cmap": "gray", "vmin": 0.0, "vmax": 1.0}
+
+
+def save_attention_figure(
+    pixels: np.ndarray, heads: np.ndarray, rollout: np.ndarray, path: Path, title: str = ""
+) -> Path:
+    """pixels [C, H, W] in [0, 1]; heads [Hd, H, W]; rollout [H, W] -> one PNG."""
+    shown = heads[:MAX_HEADS_SHOWN]
+    columns = max(3, len(shown))
+    fig, axes = plt.subplots(2, columns, figsize=(2.0 * columns, 4.4), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    panels = [
+        ("input", None),
+        ("class token, last block (mean of heads)", heads.mean(axis=0)),
+        ("attention rollout", rollout),
+    ]
+    for ax, (name, overlay) in zip(axes[0], panels, strict=False):
+        ax.imshow(**_show(pixels))
+        if overlay is not None:
+            ax.imshow(overlay, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        ax.set_title(name, fontsize=7)
+    for k, (ax, head) in enumerate(zip(axes[1], shown, strict=False)):
+        ax.imshow(**_show(pixels))
+        ax.imshow(head, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {k}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def display_image(
+    normalised: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
+    """Undo the normalisation of a [C, H, W] batch item for display, in [0, 1]."""
+    m = torch.tensor(mean).view(-1, 1, 1)
+    s = torch.tensor(std).view(-1, 1, 1)
+    return (normalised.cpu() * s + m).clamp(0, 1).numpy()
+
+
+def attention_for_files(
+    run_folder: str | Path,
+    inputs: list[str],
+    out: str | Path,
+    weights: str = "best",
+    fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> tuple[list[Path], list[str]]:
+    """(PNGs written to `out`, one per readable image; "path: why" for unreadable ones)."""
+    from vittune.trained_run import build_trained, load_trained_run  # noqa: PLC0415
+
+    run = load_trained_run(run_folder, [], weights)
+    assembly = build_trained(run)
+    model, transform = assembly.task.model, assembly.datamodule.eval_transform
+    cfg = run.recipe.data
+    out = Path(out)
+    written, failed = [], []
+    for path in expand_inputs(inputs):
+        try:
+            pixels = read_image(
+                path, run.recipe.model.in_chans, cfg.intensity, cfg.max_image_pixels
+            )
+        except DataError as err:
+            failed.append(f"{path}: {err}")
+            continue
+        image = transform(image=pixels)["image"].unsqueeze(0)  # [1, C, H, W]
+        with torch.no_grad():
+            probs = assembly.task.probabilities(assembly.task(image))[0]
+        heads, rollout = attention_maps(model, image, fusion, discard_ratio)
+        best = int(probs.argmax())
+        title = f"{path.name}: {run.classes[best]} ({float(probs[best]):.2f})"
+        written.append(
+            save_attention_figure(
+                display_image(image[0], assembly.mean, assembly.std),
+                heads[0].numpy(),
+                rollout[0].numpy(),
+                out / f"{path.stem}_attention.png",
+                title,
+            )
+        )
+    if not written:
+        raise DataError(f"no input image could be read; the first: {failed[0]}")
+    return written, failed
