@@ -10,23 +10,11 @@ import logging
 import sys
 import warnings
 
-# Warnings from lightning, torch and timm that say nothing a vittune user can change: each names
-# an internal call or a setting vittune makes on purpose. (message regex, category)
+# Warnings from lightning, torch and timm that say nothing a vittune user can change, each seen
+# in a vittune run (message regex, category). Add one only with the run that shows it.
 KNOWN_NOISE: list[tuple[str, type[Warning]]] = [
-    # lightning's own pytree helper calls the deprecated torch API (lightning 2.5, torch 2.9)
+    # Lightning's own pytree helper calls a torch API deprecated in torch 2.9 (lightning 2.5)
     (r".*isinstance\(treespec, LeafSpec\)", Warning),
-    # vittune sets num_workers from the recipe; the data section documents the choice
-    (r".*does not have many workers which may be a bottleneck", Warning),
-    # validation runs without a sanity check on purpose (num_sanity_val_steps=0 in trainer.py)
-    (r".*`num_sanity_val_steps=0`", Warning),
-    # Lightning's advice to install extras (litlogger, litmodels, tensorboard)
-    (r".*(litlogger|litmodels|tensorboardX?)\b", Warning),
-    # checkpoints are read with weights_only=True everywhere; torch announces its new default
-    (r".*weights_only", FutureWarning),
-    # timm's renamed-module notices for imports inside its own package
-    (r"Importing from timm\.models\.\w+ is deprecated", FutureWarning),
-    # pydantic settings inside wandb
-    (r".*Pydantic", DeprecationWarning),
 ]
 
 
