@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from vittune.errors import Preempted
 from vittune.resume import LAST, ResumePoint
 from vittune.run_folder import atomic_write
+from vittune.tracking import summarize_run
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,25 +41,84 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(Path(path), lambda temp: torch.save(checkpoint, temp))
 
 
+def best_filename(monitor: str, save_top_k: int) -> str:
+    """The best checkpoint's file name template: `best` when one is kept, else epoch and score.
+
+    `best-epoch=03-val_acc1=0.9120.ckpt`: the metric's `/` becomes `_` in the literal part (a
+    `/` would make a sub-folder); only the value is formatted from Lightning's metrics.
+    """
+    if save_top_k == 1:
+        return "best"
+    return f"best-epoch={{epoch:02d}}-{monitor.replace('/', '_')}={{{monitor}:.4f}}"
+
+
 class BestCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose best scores survive a resume into a new run folder.
+    """ModelCheckpoint whose best scores survive a resume into a new run folder, and which
+    remembers the best epoch's validation values.
 
     Lightning keeps `best_model_score` only when the run folder is the same; a resume into a
     new folder would forget the epochs before it and could export a worse model than one
     already seen. The best files are copied into the new folder first (`carry_best`), and
     here the restored state is pointed at those copies.
+
+    When an epoch becomes the best, its `val/*` values and epoch are kept (in the checkpoint
+    state too, so a resume keeps them), the LightningModule's `on_new_best(epoch, monitor,
+    score)` is called if it has one (classification draws that epoch's confusion matrix),
+    and at the end of fit they go into the W&B summary as `best/<metric>` and `best/epoch`
+    (W&B's own summary holds each metric's last value).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.best_epoch: int | None = None
+        self.best_metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
         # ModelCheckpoint's key, so checkpoints written before this class existed still restore.
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+        }
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old = state_dict.get("dirpath")
         if old and self.dirpath and os.path.abspath(old) != os.path.abspath(self.dirpath):
             state_dict = moved_best_state(state_dict, Path(self.dirpath))
         super().load_state_dict(state_dict)
+        if state_dict.get("best_model_path"):  # else the best files are gone: start afresh
+            self.best_epoch = state_dict.get("best_epoch")
+            self.best_metrics = dict(state_dict.get("best_metrics") or {})
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # ModelCheckpoint sets best_model_path before it writes, so a write to that path is a
+        # new best (with save_top_k == 1 every write is). Recorded first, so the file holds it.
+        if filepath == self.best_model_path and self.best_model_score is not None:
+            self.best_epoch = trainer.current_epoch
+            self.best_metrics = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+            }
+            hook = getattr(trainer.lightning_module, "on_new_best", None)
+            if hook is not None:
+                hook(self.best_epoch, self.monitor, float(self.best_model_score))
+        super()._save_checkpoint(trainer, filepath)
+
+    def best_summary(self) -> dict[str, float | int]:
+        """`best/<metric>` for each validation value of the best epoch, and `best/epoch`."""
+        if self.best_epoch is None:
+            return {}
+        return {
+            **{f"best/{k}": v for k, v in self.best_metrics.items()},
+            "best/epoch": self.best_epoch,
+        }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            summarize_run(trainer.loggers, self.best_summary())
 
 
 def moved_best_state(state: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -121,7 +181,7 @@ class LatestCheckpoint(Checkpoint):
         self.saved_step = start_step  # the resumed checkpoint already holds this step
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:

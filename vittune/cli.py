@@ -72,8 +72,7 @@ def _train(command: str, recipe_path: str, overrides: list[str] | None, print_re
             typer.echo(f"vittune {command}: done. best {result.monitor} = {score}")
             typer.echo(f"  exported {result.export_path}")
             typer.echo(f"  run folder: {result.run_dir}")
-            for message in result.messages:
-                typer.echo(f"  {message}")
+            # result.messages (the W&B notice) were printed when the run started: not again
 
     guarded(action)
 
@@ -225,7 +224,30 @@ def attention(
     guarded(action)
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"vittune {version('vittune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Fine-tune, MAE-pretrain and distill Vision Transformers from YAML recipes."""
+
+
 def main() -> None:
+    from vittune.noise import quiet_third_party
+
+    quiet_third_party()  # here, not on import: library users keep their logging and warnings
     app(prog_name="vittune")
 
 

@@ -35,7 +35,7 @@ def save_confusion_matrix(
                 )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Title": title})  # readable without looking
     plt.close(fig)
     return path
 

@@ -91,19 +91,22 @@ def build_loggers(
         return loggers, None
     import wandb  # noqa: PLC0415 (only runs that log to W&B pay for its import)
 
-    loggers.append(
-        WandbLogger(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=run_name,
-            tags=cfg.tags,
-            save_dir=str(run_dir),
-            mode=mode,
-            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
-            id=wandb_id,
-            resume="allow" if wandb_id else None,
-        )
+    wandb_logger = WandbLogger(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=run_name,
+        tags=cfg.tags,
+        save_dir=str(run_dir),
+        mode=mode,
+        # offline, vittune prints the one line that matters (where to sync from) itself
+        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=mode == "offline"),
+        id=wandb_id,
+        resume="allow" if wandb_id else None,
     )
+    # Lightning passes `anonymous=None`, which wandb (>= 0.19) answers with a warning that the
+    # setting has no effect, on every run; leaving the key out asks for the same thing.
+    wandb_logger._wandb_init.pop("anonymous", None)
+    loggers.append(wandb_logger)
     if mode == "offline":
         why = f" ({reason})" if reason else ""
         return (
@@ -111,6 +114,16 @@ def build_loggers(
             f"W&B is logging offline{why}; sync later with: wandb sync {run_dir / 'wandb'}/offline-run-*",
         )
     return loggers, None
+
+
+def summarize_run(loggers: list[Logger], values: dict[str, float | int]) -> None:
+    """Put `values` into the run summary of every logger that has one (W&B), beside the last
+    values W&B keeps there itself."""
+    if not values:
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(values)
 
 
 def log_image(loggers: list[Logger], key: str, path: Path, step: int | None = None) -> None:

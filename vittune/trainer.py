@@ -12,7 +12,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
 
-from vittune.checkpointing import AtomicCheckpointIO, BestCheckpoint, LatestCheckpoint
+from vittune.checkpointing import (
+    AtomicCheckpointIO,
+    BestCheckpoint,
+    LatestCheckpoint,
+    best_filename,
+)
+from vittune.console import console_callbacks
 from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
 from vittune.tracking import build_loggers
@@ -38,7 +44,7 @@ def build_trainer(
     loggers, wandb_message = build_loggers(recipe.logging, run_dir, name, wandb_id)
     checkpoint = BestCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="best",
+        filename=best_filename(monitor[0], recipe.checkpoint.save_top_k),
         monitor=monitor[0],
         mode=monitor[1],
         save_top_k=recipe.checkpoint.save_top_k,
@@ -46,7 +52,12 @@ def build_trainer(
         auto_insert_metric_name=False,
     )
     latest = LatestCheckpoint(run_dir / "checkpoints", recipe.checkpoint.every_n_steps, start_step)
-    callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra]
+    callbacks: list[Callback] = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        *console_callbacks(),  # the progress display: a bar on a terminal, epoch lines in a file
+        *extra,
+    ]
     if t.early_stopping_patience:
         # Checked after each validation, not at the end of a training epoch: a run capped by
         # `max_steps` mid-epoch ends an epoch that had no validation, and the metric is missing.

@@ -62,6 +62,7 @@ class ClassificationTask(VitTask):
         self.val_confusion = (
             None if self.multi_label else ConfusionMatrix(task="multiclass", num_classes=n)
         )
+        self.epoch_confusion: torch.Tensor | None = None  # the last validation's [K, K] counts
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -120,15 +121,21 @@ class ClassificationTask(VitTask):
         self.val_metrics.log(self, monitor=self.recipe.checkpoint.monitor)
         if self.val_confusion is None:
             return
-        matrix = self.val_confusion.compute()
+        # [K, K] counts, gathered from every process; drawn only if this epoch becomes the best
+        self.epoch_confusion = self.val_confusion.compute().cpu()
         self.val_confusion.reset()
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.run_dir is None:
+
+    def on_new_best(self, epoch: int, monitor: str, score: float) -> None:
+        """Draw this epoch's confusion matrix (BestCheckpoint calls this when the epoch is the
+        best so far), so `confusion_matrix.png` always matches the exported weights."""
+        matrix, self.epoch_confusion = self.epoch_confusion, None
+        if matrix is None or not self.trainer.is_global_zero or self.run_dir is None:
             return
         path = save_confusion_matrix(
             matrix,
             self.classes,
             self.run_dir / "confusion_matrix.png",
-            f"validation, epoch {self.current_epoch}",
+            f"validation, epoch {epoch} (best {monitor} {score:.4f})",
         )
         log_image(self.loggers, "val/confusion_matrix", path)
 
