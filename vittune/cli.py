@@ -146,6 +146,12 @@ def evaluate(
         bool, typer.Option("--temperature", help="Also fit a temperature (calibration).")
     ] = False,
     device: DeviceOpt = "auto",
+    token_merge: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Also score with r tokens merged per block (ToMe); repeat for several r."
+        ),
+    ] = None,
 ) -> None:
     """Score a trained run on its test/val split, or on other data given as data.* overrides."""
 
@@ -153,7 +159,9 @@ def evaluate(
         from vittune.evaluate import evaluate_run
         from vittune.evaluation.report import format_table
 
-        result = evaluate_run(run, overrides or [], split, weights, name, temperature, device)
+        result = evaluate_run(
+            run, overrides or [], split, weights, name, temperature, device, token_merge
+        )
         typer.echo(
             f"vittune evaluate: {run} ({weights} weights) on the {result.split} split:"
             f" {result.report.num_samples} images"
@@ -161,6 +169,13 @@ def evaluate(
         if result.skipped:
             typer.echo(f"  {len(result.skipped)} file(s) could not be decoded and are not scored")
         typer.echo(format_table(result.report))
+        if result.merging:
+            typer.echo("\ntoken merging (ToMe)   r  tokens in last block   top-1   images/s")
+            for row in result.merging:
+                typer.echo(
+                    f"                     {row['r']:>3}  {row['tokens_last_block']:>20}"
+                    f"  {row['acc1']:.4f}  {row['images_per_s']:>9.1f}"
+                )
         typer.echo(f"\nsaved in {result.folder}")
 
     guarded(action)

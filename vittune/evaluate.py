@@ -8,7 +8,8 @@ runs the model, and writes the report into `RUN/eval/<name>/`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -41,6 +42,7 @@ class Evaluation:
     paths: list[Path]
     probs: np.ndarray  # [N, K]
     skipped: list[Path]
+    merging: list[dict] = field(default_factory=list)  # --token-merge rows, r = 0 first
 
 
 class _Indexed(Dataset):
@@ -101,6 +103,47 @@ def predict_dataset(
     if not scored:
         raise DataError("no image could be decoded; check the files")
     return scored, failed, torch.cat(probs).numpy(), torch.cat(targets).numpy()
+
+
+@torch.no_grad()
+def token_merging_table(
+    task: torch.nn.Module,
+    dataset: ImageDataset,
+    batch_size: int,
+    device: torch.device,
+    merges: list[int],
+) -> list[dict]:
+    """Top-1 and images per second (model forward only, decoding excluded) for r = 0 and each
+    r of `merges`, on the same images; one row per r."""
+    from vittune.token_merging import check_supported, token_merging, tokens_left  # noqa: PLC0415
+
+    model = task.model
+    check_supported(model)
+    loader = DataLoader(_Indexed(dataset), batch_size=batch_size, collate_fn=_collate)
+    batches = [batch for _, _, batch in loader if batch is not None]
+    grid = model.patch_embed.grid_size
+    rows = []
+    for r in [0, *sorted(set(merges) - {0})]:
+        correct, seconds, count = 0, 0.0, 0
+        with token_merging(model, r):
+            for images, targets in batches:
+                images = images.to(device)
+                start = time.perf_counter()
+                logits = task(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds += time.perf_counter() - start
+                correct += int((logits.argmax(dim=-1).cpu() == targets).sum())
+                count += len(images)
+        rows.append(
+            {
+                "r": r,
+                "tokens_last_block": tokens_left(grid[0] * grid[1], len(model.blocks), r),
+                "acc1": correct / count,
+                "images_per_s": count / seconds,
+            }
+        )
+    return rows
 
 
 def choose_samples(run: TrainedRun, split: str, new_data: bool) -> tuple[SplitSamples, str]:
@@ -204,6 +247,7 @@ def evaluate_run(
     name: str | None = None,
     temperature: bool = False,
     device: str = "auto",
+    token_merge: list[int] | None = None,
 ) -> Evaluation:
     """Score a run; write `RUN/eval/<name>/` (never over an earlier evaluation)."""
     if split not in SPLITS:
@@ -217,8 +261,15 @@ def evaluate_run(
     samples: list[Sample] = found.splits["val"]
     cfg = run.recipe.data
     batch = cfg.eval_batch_size or cfg.batch_size
+    if token_merge and run.multi_label:
+        raise RecipeError("--token-merge reports top-1 accuracy: single-label runs only")
     scored, failed, probs, targets = predict_dataset(
         assembly.task, dataset, batch, cfg.num_workers, device_for(device)
+    )
+    merging = (
+        token_merging_table(assembly.task, dataset, batch, device_for(device), token_merge)
+        if token_merge
+        else []
     )
     report = build_report(
         probs,
@@ -236,6 +287,7 @@ def evaluate_run(
         [samples[i].path for i in scored],
         probs,
         [samples[i].path for i in failed],
+        merging,
     )
     meta = {
         "run": str(run.folder),
@@ -243,6 +295,7 @@ def evaluate_run(
         "data": str(source),
         "split": chosen,
         "skipped_files": [str(p) for p in result.skipped],
+        "token_merging": merging,
     }
     write_outputs(run, result, targets, meta)
     return result

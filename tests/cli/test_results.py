@@ -188,3 +188,19 @@ def plt_image_shape(path: Path) -> tuple[int, ...]:
     import matplotlib.image
 
     return matplotlib.image.imread(path).shape
+
+
+@pytest.mark.slow
+def test_evaluate_with_token_merging_reports_each_r_beside_r_zero(trained: Path) -> None:
+    result = run_cli(
+        "evaluate", str(trained), "--token-merge", "1", "--token-merge", "3", "--name", "tome",
+        cwd=trained, env=ONE_THREAD,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "token merging (ToMe)" in result.stdout
+    report = json.loads((trained / "eval" / "tome" / "metrics.json").read_text())
+    rows = report["token_merging"]
+    assert [r["r"] for r in rows] == [0, 1, 3]
+    assert [r["tokens_last_block"] for r in rows] == [16, 14, 10]  # 4x4 grid, 2 blocks
+    assert rows[0]["acc1"] == pytest.approx(report["overall"]["acc1"])  # r = 0: the model
+    assert all(r["images_per_s"] > 0 for r in rows)
