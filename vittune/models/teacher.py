@@ -247,7 +247,8 @@ def build_teacher(
         model_cfg, teacher_classes, source = _from_hub(cfg, student_in_chans)
     else:
         model_cfg, teacher_classes, saved, source = _from_file(cfg, student_in_chans)
-        if saved.num_classes not in (None, len(teacher_classes)):
+        # 0 outputs (an MAE encoder) is left to the head check below: "no trained head"
+        if saved.num_classes not in (None, 0, len(teacher_classes)):
             raise RecipeError(
                 f"{source} has {saved.num_classes} outputs but {len(teacher_classes)} teacher classes are named; fix distill.teacher.classes"
             )
