@@ -138,14 +138,15 @@ def test_broken_config_json_in_a_weights_folder_is_one_line(source: Path) -> Non
 def test_config_json_kwargs_are_geometry_only(source: Path) -> None:
     run = source / "runs" / "source"
     config = json.loads((run / "config.json").read_text())
-    assert resolve_weight_file(run).config == config  # what vittune writes passes
+    saved = resolve_weight_file(run).config  # what vittune writes passes
+    assert saved.architecture == config["architecture"] and saved.classes == config["label_names"]
     folder = source / "tampered"
     shutil.copytree(run, folder)
     for bad in (
-        {"model_kwargs": {"checkpoint_path": "/tmp/other.pth"}},
-        {"model_kwargs": {"pretrained_cfg_overlay": {"file": "/tmp/other.pth"}}},
-        {"model_kwargs": {"global_pool": "../../other.pth"}},
-        {"model_kwargs": {"depth": 2, "embed_dim": "64; rm"}},
+        {"model_args": {"checkpoint_path": "/tmp/other.pth"}},
+        {"model_args": {"pretrained_cfg_overlay": {"file": "/tmp/other.pth"}}},
+        {"model_args": {"global_pool": "../../other.pth"}},
+        {"model_args": {"depth": 2, "embed_dim": "64; rm"}},
         {"loader": "pickle"},
     ):
         (folder / "config.json").write_text(json.dumps({**config, **bad}))
@@ -185,7 +186,7 @@ def test_inherited_run_dir_never_overwrites_and_exports_are_0644(source: Path) -
     assert sorted(p.name for p in earlier.rglob("*")) == ["checkpoints", "last.ckpt", "recipe.yaml"]
     run = source / "runs" / "source"  # the run went to its own folder instead
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    for name in ("model.safetensors", "config.json"):
+    for name in ("model.safetensors", "config.json", "README.md"):
         mode = stat.S_IMODE((run / name).stat().st_mode)
         assert mode == 0o644, (name, oct(mode))
 

@@ -1,20 +1,33 @@
-"""Exported weights: `model.safetensors` in timm key names plus a `config.json`.
+"""Exports in timm's hub layout, so a run folder loads in plain timm, plus a model card.
 
-`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...,
-num_classes=N), num_classes=N, **geometry)` loads the export directly. `num_classes` must
-be in the overlay too: timm discards a checkpoint's head whenever the model's class count
-differs from the pretrained config's (1000 for ImageNet tags). vittune reads `config.json`
-to know the classes and the token grid the weights were trained at.
+A run folder holds what timm's `save_for_hf` writes: the weights in timm key names and a
+`config.json` from timm's own `save_config_for_hf` (`architecture`, `num_classes`,
+`label_names`, `model_args`, `pretrained_cfg` with the run's input size, mean, std and resize).
+So `timm.create_model("local-dir:RUN", pretrained=True)` builds the trained model with its head,
+and `timm.data.resolve_model_data_config(model)` gives the run's preprocessing. vittune's own
+facts (task, classes, patch grid, version) sit under the `vittune` key, which timm ignores;
+vittune reads either through `vittune.models.run_config.read_run_config`.
+
+MAE runs export `encoder.safetensors` (the encoder alone, `num_classes` 0): the name says there
+is no head, vittune's `model.pretrained: RUN` finds it, and timm's local-dir loader takes it too
+(it falls back to the folder's only `*.safetensors` when there is no `model.safetensors`).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
+from timm.layers import to_2tuple
+
+# timm's writer of hub configs; `save_for_hf` (public) wraps it but also writes the weights,
+# non-atomically and from the module's current state rather than the best checkpoint's.
+from timm.models._hub import generate_readme, save_config_for_hf
 from torch import nn
 
 from vittune.models.weights import read_state_dict
@@ -24,32 +37,56 @@ from vittune.run_folder import atomic_write
 if TYPE_CHECKING:  # the assembly imports every task; an export needs none of them
     from vittune.assembly import Assembly
 
+# vittune's evaluation resize (data/transforms.py: albumentations' Resize, cv2.INTER_LINEAR),
+# applied to the whole image: no crop, so crop_pct 1.0 and a centre "crop" that keeps it all.
+INTERPOLATION = "bilinear"
+CARD_NAME = "README.md"
+
+
+def vittune_version() -> str:
+    try:
+        return version("vittune")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown"
+
 
 def export_config(
-    model_name: str,
     model: nn.Module,
     classes: list[str],
     img_size: int | tuple[int, int],
     in_chans: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    model_kwargs: dict[str, Any],
     task: str,
 ) -> dict[str, Any]:
-    size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
+    """config.json as timm's `save_config_for_hf` writes it for `model`, with vittune's facts.
+
+    `model_args` come from what timm's factory recorded when it built `model` (img_size,
+    patch_size, in_chans, the recipe's model.kwargs); `pretrained_cfg` carries the run's
+    preprocessing. Class names go to timm's `label_names` only when the model has a head for
+    them (an MAE encoder has none).
+    """
+    height, width = to_2tuple(img_size)
+    own: dict[str, Any] = {"version": vittune_version(), "task": task, "classes": list(classes)}
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    return {
-        "architecture": model_name,
-        "task": task,
-        "classes": list(classes),
-        "num_classes": len(classes),
-        "img_size": size,
-        "patch_size": int(patch[0]) if patch is not None else None,
-        "in_chans": in_chans,
-        "mean": list(mean),
-        "std": list(std),
-        "model_kwargs": model_kwargs,
+    if patch is not None:
+        own.update(patch_size=int(patch[0]), grid=[height // patch[0], width // patch[1]])
+    model_config: dict[str, Any] = {"vittune": own}
+    if classes and getattr(model, "num_classes", None) == len(classes):
+        model_config["label_names"] = list(classes)
+    data_config = {
+        "input_size": (in_chans, height, width),
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "interpolation": INTERPOLATION,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
     }
+    # timm writes to a path; read its JSON back so that the caller writes it atomically.
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "config.json"
+        save_config_for_hf(model, str(path), model_config=model_config, data_config=data_config)
+        return json.loads(path.read_text())
 
 
 def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,25 +111,140 @@ def write_export(
     return path
 
 
+def best_of(checkpoint: Path) -> dict[str, Any] | None:
+    """The monitored metric, its best value and the epoch of a best checkpoint (None: unknown).
+
+    Lightning stores the ModelCheckpoint state after updating it, so the best file records
+    its own score; `mmap` reads that state without loading the weights again.
+    """
+    try:
+        content = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a checkpoint vittune did not write: the card just omits the score
+        return None
+    for key, state in (content.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and state.get("monitor"):
+            score = state.get("best_model_score")
+            if score is None:
+                continue
+            return {
+                "monitor": state["monitor"],
+                "score": float(score),
+                "epoch": content.get("epoch"),
+                "step": content.get("global_step"),
+            }
+    return None
+
+
+def _snippet_kwargs(args: dict[str, Any]) -> str:
+    return "".join(f"    {k}={v!r},\n" for k, v in args.items())
+
+
+def model_card(facts: dict[str, Any]) -> str:
+    """The run folder's README.md, from plain facts (no files read): timm's `generate_readme`
+    with vittune's details and the two ways to load the export in timm."""
+    run, weights, n = facts["run_dir"], facts["weights"], facts["num_classes"]
+    details: dict[str, Any] = {
+        "Architecture": f"{facts['architecture']} (timm)",
+        "Task": facts["task"],
+        "Weights": f"`{weights}` (best checkpoint), started from {facts['source']}",
+        "Input": (
+            f"{facts['input_size'][0]} channel(s), {facts['input_size'][1]}x"
+            f"{facts['input_size'][2]} px (height x width), {facts['interpolation']} resize, "
+            f"no crop, mean {facts['mean']}, std {facts['std']}"
+        ),
+        "Classes": facts["classes"] or "none (no classifier head)",
+        "Images per split": facts["splits"],
+    }
+    best = facts.get("best")
+    details["Best validation"] = (
+        f"{best['monitor']} = {best['score']:.4f} at epoch {best['epoch']} (step {best['step']})"
+        if best
+        else "not recorded"
+    )
+    if facts.get("metrics"):
+        details["Metrics"] = {k: f"{v:.4f}" for k, v in facts["metrics"].items()}
+    details["Recipe"] = f"[{facts['recipe']}]({facts['recipe']}) in the run folder"
+    head = "with its trained head" if n else "without a head (pass num_classes=N for a new one)"
+    usage = (
+        f"The folder follows timm's hub layout: timm builds the model {head} and reads the "
+        "preprocessing from `config.json`.\n\n"
+        "```python\n"
+        "import timm\n\n"
+        f'model = timm.create_model("local-dir:{run}", pretrained=True).eval()\n'
+        "config = timm.data.resolve_model_data_config(model)\n"
+        "transform = timm.data.create_transform(**config)\n"
+        "```\n\n"
+        "Or from the weight file alone, with the architecture arguments of `config.json` "
+        "(`num_classes` goes into the overlay too, or timm drops the trained head):\n\n"
+        "```python\n"
+        "model = timm.create_model(\n"
+        f'    "{facts["architecture"]}",\n'
+        "    pretrained=True,\n"
+        f'    pretrained_cfg_overlay=dict(file="{run}/{weights}", num_classes={n}),\n'
+        f"{_snippet_kwargs(facts['model_args'])}"
+        ")\n"
+        "```\n"
+    )
+    card = {
+        "description": f"A {facts['task']} run of vittune ({facts['name']}).",
+        "details": details,
+        "usage": usage,
+        "tags": ["image-classification" if n else "image-feature-extraction", "timm", "vittune"],
+        # vittune cannot know the terms of the data or of the weights it started from.
+        "license": facts.get("license") or "other",
+        "library_name": "timm",
+    }
+    return generate_readme(card, facts["name"], card["tags"][0])
+
+
+def write_model_card(folder: Path, text: str) -> Path:
+    """README.md in the run folder, atomically and 0644 like the other exports."""
+    path = folder / CARD_NAME
+    atomic_write(path, lambda temp: temp.write_text(text))
+    return path
+
+
 def export_best(
-    assembly: Assembly, recipe: Recipe, command: Command, best_checkpoint: str | None, run_dir: Path
+    assembly: Assembly,
+    recipe: Recipe,
+    command: Command,
+    best_checkpoint: str | None,
+    run_dir: Path,
+    metrics: dict[str, float] | None = None,
 ) -> Path:
-    """Write the best (else last) weights of the exported module in timm key names."""
+    """Write the best (else last) weights of the exported module in timm key names, timm's
+    config.json and the model card. `metrics` (e.g. test scores) go into the card."""
     module = assembly.export_module(assembly.task)
     candidates = [best_checkpoint, str(run_dir / "checkpoints" / "last.ckpt")]
     best = next((p for p in candidates if p and Path(p).is_file()), None)
     state = read_state_dict(Path(best)) if best else module.state_dict()
     own = set(module.state_dict())
     state = {k: v for k, v in state.items() if k in own}
+    size, chans = recipe.model.img_size, recipe.model.in_chans
     config = export_config(
-        recipe.model.name,
-        module,
-        assembly.classes,
-        recipe.model.img_size,
-        recipe.model.in_chans,
-        assembly.mean,
-        assembly.std,
-        dict(recipe.model.kwargs),
-        command,
+        module, assembly.classes, size, chans, assembly.mean, assembly.std, command
     )
-    return write_export(state, config, run_dir, assembly.export_name)
+    path = write_export(state, config, run_dir, assembly.export_name)
+    facts = {
+        "name": run_dir.name,
+        "run_dir": str(run_dir),
+        "weights": assembly.export_name,
+        "architecture": config["architecture"],
+        "task": command,
+        "source": assembly.report.source,
+        "classes": list(assembly.classes),
+        "num_classes": config["num_classes"],
+        "splits": {s: len(v) for s, v in assembly.datamodule.found.splits.items()},
+        "input_size": list(config["pretrained_cfg"]["input_size"]),
+        "mean": list(assembly.mean),
+        "std": list(assembly.std),
+        "interpolation": INTERPOLATION,
+        "model_args": config.get("model_args", {}),
+        "best": best_of(Path(best_checkpoint))
+        if best_checkpoint and best == best_checkpoint
+        else None,
+        "metrics": dict(metrics or {}),
+        "recipe": "recipe.yaml",
+    }
+    write_model_card(run_dir, model_card(facts))
+    return path

@@ -167,7 +167,9 @@ def _fit_into(
         chosen["test"] = Path(best) if best else last  # the exported weights
         tests = test_weights(trainer, assembly, chosen)
     if trainer.is_global_zero:
-        result.export_path = export_best(assembly, recipe, command, best, run_dir)
+        result.export_path = export_best(
+            assembly, recipe, command, best, run_dir, metrics=tests.get("test")
+        )
         result.metrics = write_metrics_json(run_dir, monitor[0], result.best_score, best, tests)
         if tests:
             log_tests(run_dir, tests, log)

@@ -7,13 +7,13 @@ scaling, mean/std) that training used; only the weights come from the run folder
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from vittune.assembly import Assembly, build
 from vittune.data.datasets import Sample, SplitSamples
 from vittune.errors import DataError, RecipeError
+from vittune.models.run_config import read_run_config
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import Recipe
 
@@ -33,19 +33,14 @@ class TrainedRun:
 
 
 def _run_classes(folder: Path) -> list[str]:
-    """The class names the run's head predicts, in head order (from its exported config)."""
+    """The class names the run's head predicts, in head order (from its checked config.json)."""
     config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        raise RecipeError(
-            f"{config_file} is missing or not JSON; the run did not finish its export"
-        ) from None
-    vittune_part = config.get("vittune") if isinstance(config.get("vittune"), dict) else {}
-    classes = config.get("classes") or vittune_part.get("classes") or config.get("label_names")
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+    if not config_file.is_file():
+        raise RecipeError(f"{config_file} is missing; the run did not finish its export")
+    classes = read_run_config(config_file).classes
+    if not classes:
         raise RecipeError(f"{config_file} names no classes; is this a classification run?")
-    return classes
+    return list(classes)
 
 
 def _weights_file(folder: Path, weights: str) -> Path:

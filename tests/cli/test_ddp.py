@@ -35,7 +35,6 @@ def test_two_process_ddp_on_cpu_completes_a_fit(tmp_path: Path) -> None:
     result = run_cli("finetune", str(recipe), *overrides, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # the second process really ran
     assert output.count("vittune finetune: done.") == 1  # rank 0 alone reports and exports
     # Both processes used one run folder (shared through VITTUNE_RUN_DIR): no ddp-2 appeared.
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
@@ -47,8 +46,8 @@ def test_two_process_ddp_on_cpu_completes_a_fit(tmp_path: Path) -> None:
         "model.safetensors",
     ):
         assert (run_dir / name).is_file(), name
-    assert json.loads((run_dir / "config.json").read_text())["classes"] == ["a", "b"]
-    # Each rank saw half the training images: 16 of 32 in batches of 4 -> 4 steps per epoch.
+    assert json.loads((run_dir / "config.json").read_text())["label_names"] == ["a", "b"]
+    # The second process really ran: each rank saw half the training images: 16 of 32 in batches of 4 -> 4 steps per epoch.
     train_images = 2 * (20 - held_out(20, 0.2))
     steps_per_epoch = train_images // 2 // 4
     rows = read_metrics(run_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from helpers import ONE_THREAD, RECIPES, column, held_out, read_metrics, run_cli
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
+from vittune.models.run_config import RunConfig, read_run_config
 from vittune.recipe.load import load_recipe
 
 
@@ -32,14 +34,7 @@ def ok(result) -> str:
 def reference_model(run_dir: Path) -> torch.nn.Module:
     """The trained network rebuilt from its best checkpoint (Lightning's file, read safely)."""
     config = json.loads((run_dir / "config.json").read_text())
-    model = timm.create_model(
-        config["architecture"],
-        num_classes=config["num_classes"],
-        img_size=config["img_size"],
-        patch_size=config["patch_size"],
-        in_chans=config["in_chans"],
-        **config["model_kwargs"],
-    )
+    model = timm.create_model(config["architecture"], **config["model_args"])
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     state = {
         k.removeprefix("model."): v
@@ -50,25 +45,18 @@ def reference_model(run_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def check_export_matches_best_checkpoint(run_dir: Path) -> dict:
-    """timm loads model.safetensors by itself and computes the trained model's logits."""
+def check_export_matches_best_checkpoint(run_dir: Path) -> RunConfig:
+    """timm loads the run folder by itself and computes the trained model's logits; the model
+    card names the best checkpoint's score and epoch."""
     config = json.loads((run_dir / "config.json").read_text())
-    exported = timm.create_model(
-        config["architecture"],
-        pretrained=True,
-        pretrained_cfg_overlay=dict(
-            file=str(run_dir / "model.safetensors"), num_classes=config["num_classes"]
-        ),
-        num_classes=config["num_classes"],
-        img_size=config["img_size"],
-        patch_size=config["patch_size"],
-        in_chans=config["in_chans"],
-        **config["model_kwargs"],
-    ).eval()
-    images = torch.randn(3, config["in_chans"], *config["img_size"])
+    exported = timm.create_model(f"local-dir:{run_dir}", pretrained=True).eval()
+    images = torch.randn(3, *config["pretrained_cfg"]["input_size"])
     with torch.no_grad():
         torch.testing.assert_close(exported(images), reference_model(run_dir)(images))
-    return config
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["epoch"]
+    card = (run_dir / "README.md").read_text()
+    assert re.search(rf"\*\*Best validation:\*\* val/\S+ = [0-9.]+ at epoch {best} ", card), card
+    return read_run_config(run_dir / "config.json")
 
 
 def check_run_folder(run_dir: Path, recipe_path: Path, overrides: list[str]) -> None:
@@ -115,12 +103,12 @@ def test_quickstart_on_digits_learns_far_above_chance(tmp_path: Path, digits_roo
         assert len(per_epoch(rows, metric)) == 6, metric  # every epoch, top-5 as 10 > 5 classes
     assert per_epoch(rows, "val/auroc")[-1] > 0.95
     config = check_export_matches_best_checkpoint(run_dir)
-    assert config["classes"] == [str(d) for d in range(10)]
-    assert config["in_chans"] == 1 and config["img_size"] == [32, 32]
+    assert config.classes == [str(d) for d in range(10)]
+    assert config.in_chans == 1 and config.img_size == (32, 32)
     # normalisation comes from the backbone's pretrained config, averaged for one channel
     resolved = timm.data.resolve_model_data_config(timm.create_model("vit_tiny_patch16_224"))
-    assert config["mean"] == pytest.approx([np.mean(resolved["mean"])])
-    assert config["std"] == pytest.approx([np.mean(resolved["std"])])
+    assert config.mean == pytest.approx([np.mean(resolved["mean"])])
+    assert config.std == pytest.approx([np.mean(resolved["std"])])
 
 
 def make_dim_16bit_images(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
@@ -174,7 +162,7 @@ def test_medical_recipe_on_dim_16bit_grey_imbalanced_data(tmp_path: Path) -> Non
     assert "best val/auroc" in stdout and max(auroc) > 0.9, auroc
     assert not per_epoch(rows, "val/acc5")  # 3 classes: no top-5
     config = check_export_matches_best_checkpoint(run_dir)
-    assert config["in_chans"] == 1 and config["classes"] == sorted(counts)
+    assert config.in_chans == 1 and config.classes == sorted(counts)
     # balanced class weights are scikit-learn's, computed on the training split
     train_counts = [n - held_out(n, 0.15) for n in (counts[c] for c in sorted(counts))]
     labels = np.repeat(np.arange(3), train_counts)
@@ -221,7 +209,7 @@ def test_folder_and_csv_runs_with_the_same_name_never_overwrite(tmp_path: Path) 
     run_two = tmp_path / "runs" / "shared-2"
     check_run_folder(run_two, recipe, second)
     assert load_recipe(run_two / "recipe.yaml").data.csv == "manifest.csv"
-    config = json.loads((run_two / "config.json").read_text())
+    config = json.loads((run_two / "config.json").read_text())["pretrained_cfg"]
     assert config["mean"] == [0.2] * 3 and config["std"] == [0.3] * 3  # the recipe's, per channel
     assert not (run_one / "wandb").exists() and not (run_two / "wandb").exists()
     assert {p: digest(p) for p in run_one.rglob("*") if p.is_file()} == before  # untouched

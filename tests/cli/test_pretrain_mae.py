@@ -85,18 +85,12 @@ def test_pretrain_writes_encoder_export_checkpoints_and_grids(mae_run):
     logged = list((run / "wandb").glob("offline-run-*/files/media/images/val/reconstruction_*.png"))
     assert len(logged) == 2
     config = json.loads((run / "config.json").read_text())
-    assert config["task"] == "pretrain-mae"
-    assert (config["img_size"], config["patch_size"], config["in_chans"]) == ([32, 32], 8, 1)
+    assert config["vittune"]["task"] == "pretrain-mae" and config["num_classes"] == 0
+    assert config["pretrained_cfg"]["input_size"] == [1, 32, 32]
+    assert config["vittune"]["patch_size"] == 8
     # The export is the encoder alone, in timm names: a plain timm model misses only its head.
     state = load_file(str(run / "encoder.safetensors"))
-    plain = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=8,
-        in_chans=1,
-        num_classes=5,
-        **config["model_kwargs"],
-    )
+    plain = timm.create_model("vit_tiny_patch16_224", **{**config["model_args"], "num_classes": 5})
     result = plain.load_state_dict(state, strict=False)
     assert (
         sorted(result.missing_keys) == ["head.bias", "head.weight"] and not result.unexpected_keys

@@ -273,9 +273,7 @@ def test_exported_encoder_loads_into_plain_timm_with_only_the_head_missing(tmp_p
     assert result.unexpected_keys == []
     torch.testing.assert_close(plain.pos_embed, encoder.pos_embed)
     # Through vittune at a larger resolution: the 4x4 position grid is resampled to 6x6.
-    config = export_config(
-        "vit_tiny_patch16_224", encoder, [], 32, 1, (0.5,), (0.5,), kwargs, "pretrain-mae"
-    )
+    config = export_config(encoder, [], 32, 1, (0.5,), (0.5,), "pretrain-mae")
     path = write_export(state, config, tmp_path, "encoder.safetensors")
     cfg = ModelConfig(
         name="vit_tiny_patch16_224", pretrained=str(tmp_path), img_size=48, patch_size=8, in_chans=1

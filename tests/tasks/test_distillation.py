@@ -65,9 +65,7 @@ def save_teacher(
 ) -> Path:
     """A vittune-style export (model.safetensors + config.json), as `vittune finetune` writes."""
     in_chans = len(mean)
-    config = export_config(
-        "test_resnet", model, classes, img_size, in_chans, mean, std, {}, "finetune"
-    )
+    config = export_config(model, classes, img_size, in_chans, mean, std, "finetune")
     write_export(model.state_dict(), config, folder)
     return folder
 

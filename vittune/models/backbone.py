@@ -120,11 +120,7 @@ def load_weights(model: nn.Module, source_spec: str, cfg: ModelConfig, report: L
     verify_sha256(source.path, cfg.pretrained_sha256)
     state = read_state_dict(source.path)
     report.source = str(source.path)
-    old_grid = None
-    if source.config.get("img_size") and source.config.get("patch_size"):
-        h, w = source.config["img_size"]
-        p = source.config["patch_size"]
-        old_grid = (h // p, w // p)
+    old_grid = source.config.grid if source.config is not None else None
     if old_grid is None and "pos_embed" in state and surgery.grid_of(model) is not None:
         n_patches = state["pos_embed"].shape[1] - surgery.prefix_tokens_in_pos_embed(model)
         side = int(n_patches**0.5)
@@ -171,13 +167,10 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Load
     report = LoadReport()
     if isinstance(cfg.pretrained, str) and cfg.kwargs == {}:
         # An export remembers its architecture arguments: reuse them unless the recipe sets any.
-        source = resolve_weight_file(cfg.pretrained)
-        saved = source.config.get("model_kwargs") or {}
-        if saved and source.config.get("architecture") == cfg.name:
-            extra.update(saved)
-            report.notes.append(
-                f"model.kwargs taken from {source.path.parent / 'config.json'}: {saved}"
-            )
+        saved = resolve_weight_file(cfg.pretrained).config
+        if saved is not None and saved.model_kwargs and saved.architecture == cfg.name:
+            extra.update(saved.model_kwargs)
+            report.notes.append(f"model.kwargs taken from {saved.path}: {saved.model_kwargs}")
     if cfg.pretrained is True:
         model = _hub_model(cfg, num_classes, extra)
         report.source = f"timm hub ({model.pretrained_cfg.get('hf_hub_id') or cfg.name})"

@@ -24,6 +24,7 @@ from torch import nn
 from vittune.errors import RecipeError, WeightsError
 from vittune.models.backbone import create_backbone
 from vittune.models.normalisation import resolve_normalisation
+from vittune.models.run_config import RunConfig
 from vittune.models.weights import resolve_weight_file
 from vittune.recipe.schema import ModelConfig, TeacherConfig
 
@@ -190,18 +191,18 @@ def _from_hub(cfg: TeacherConfig, student_in_chans: int) -> tuple[ModelConfig, l
 
 def _from_file(
     cfg: TeacherConfig, student_in_chans: int
-) -> tuple[ModelConfig, list[str], dict[str, Any], str]:
+) -> tuple[ModelConfig, list[str], RunConfig, str]:
     source = resolve_weight_file(str(cfg.pretrained))
-    saved = source.config
-    arch = saved.get("architecture")
+    saved = source.config or RunConfig(source.path.parent / "config.json")
+    arch = saved.architecture
     if arch and arch != cfg.name:
         raise RecipeError(
             f"distill.teacher.name is {cfg.name} but {source.path} holds {arch} weights; set distill.teacher.name: {arch}"
         )
-    classes = saved.get("classes")
-    if cfg.classes is not None and classes and list(cfg.classes) != list(classes):
+    classes = saved.classes
+    if cfg.classes is not None and classes and list(cfg.classes) != classes:
         raise RecipeError(
-            f"distill.teacher.classes differs from the classes in {source.path.parent / 'config.json'}; remove distill.teacher.classes (the run's own list is used)"
+            f"distill.teacher.classes differs from the classes in {saved.path}; remove distill.teacher.classes (the run's own list is used)"
         )
     classes = list(cfg.classes or classes or [])
     if not classes:
@@ -214,9 +215,9 @@ def _from_file(
         name=cfg.name,
         pretrained=str(cfg.pretrained),
         pretrained_sha256=cfg.pretrained_sha256,
-        img_size=cfg.img_size or saved.get("img_size") or default_size,
-        patch_size=saved.get("patch_size"),
-        in_chans=cfg.in_chans or saved.get("in_chans") or student_in_chans,
+        img_size=cfg.img_size or saved.img_size or default_size,
+        patch_size=saved.patch_size,
+        in_chans=cfg.in_chans or saved.in_chans or student_in_chans,
         drop_rate=0.0,
         drop_path_rate=0.0,
         keep_head=True,
@@ -241,14 +242,15 @@ def build_teacher(
         raise RecipeError(
             "distill.teacher.pretrained is false: a random teacher teaches nothing; point it at weights"
         )
-    saved: dict[str, Any] = {}
+    saved: RunConfig | None = None
     if cfg.pretrained is True:
         model_cfg, teacher_classes, source = _from_hub(cfg, student_in_chans)
     else:
         model_cfg, teacher_classes, saved, source = _from_file(cfg, student_in_chans)
-        if saved.get("num_classes") not in (None, len(teacher_classes)):
+        # 0 outputs (an MAE encoder) is left to the head check below: "no trained head"
+        if saved.num_classes not in (None, 0, len(teacher_classes)):
             raise RecipeError(
-                f"{source} has {saved['num_classes']} outputs but {len(teacher_classes)} teacher classes are named; fix distill.teacher.classes"
+                f"{source} has {saved.num_classes} outputs but {len(teacher_classes)} teacher classes are named; fix distill.teacher.classes"
             )
     index = align_classes(teacher_classes, classes)
     in_chans = model_cfg.in_chans
@@ -263,8 +265,8 @@ def build_teacher(
         )
     mean, std = resolve_normalisation(
         model,
-        cfg.mean or saved.get("mean"),
-        cfg.std or saved.get("std"),
+        cfg.mean or (saved.mean if saved else None),
+        cfg.std or (saved.std if saved else None),
         in_chans,
         "distill.teacher",
     )

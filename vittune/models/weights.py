@@ -3,70 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from vittune.errors import WeightsError
+from vittune.models.run_config import RunConfig, read_run_config
 from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 
 WEIGHT_FILES = ("model.safetensors", "encoder.safetensors")
 LIGHTNING_PREFIX = "model."  # every vittune task keeps its timm backbone as `self.model`
-# What vittune's export writes into config.json (vittune/export.py: export_config).
-CONFIG_KEYS = frozenset(
-    {
-        "architecture",
-        "task",
-        "classes",
-        "num_classes",
-        "img_size",
-        "patch_size",
-        "in_chans",
-        "mean",
-        "std",
-        "model_kwargs",
-    }
-)
-# `model_kwargs` go back into timm.create_model, so only architecture geometry (sizes and
-# switches) is accepted: a path-taking argument (checkpoint_path, pretrained_cfg_overlay) would
-# make timm load files that `pretrained_sha256` never checked.
-GEOMETRY_KWARGS = frozenset(
-    {
-        "embed_dim",
-        "embed_dims",
-        "depth",
-        "depths",
-        "num_heads",
-        "mlp_ratio",
-        "mlp_ratios",
-        "qkv_bias",
-        "qk_norm",
-        "class_token",
-        "global_pool",
-        "reg_tokens",
-        "no_embed_class",
-        "pos_embed",
-        "pre_norm",
-        "fc_norm",
-        "init_values",
-        "dynamic_img_size",
-        "dynamic_img_pad",
-        "window_size",
-        "dims",
-        "widths",
-        "layers",
-        "channels",
-        "stem_width",
-        "output_stride",
-    }
-)
-_WORD = re.compile(r"[A-Za-z0-9_]{1,32}")  # "avg", "token", "learn": names, never paths
 
 
 @dataclass
@@ -74,7 +23,7 @@ class WeightSource:
     """A weight file and what vittune knows about it (from a `config.json` beside it)."""
 
     path: Path
-    config: dict[str, Any] = field(default_factory=dict)
+    config: RunConfig | None = None  # None: no config.json beside the weights
 
 
 def resolve_weight_file(spec: str | Path) -> WeightSource:
@@ -95,46 +44,8 @@ def resolve_weight_file(spec: str | Path) -> WeightSource:
     config_file = path.parent / "config.json"
     if not config_file.is_file() and path.parent.name == "checkpoints":
         config_file = path.parent.parent / "config.json"
-    config = read_run_config(config_file) if config_file.is_file() else {}
+    config = read_run_config(config_file) if config_file.is_file() else None
     return WeightSource(path, config)
-
-
-def _geometry_value(value: Any) -> bool:
-    if isinstance(value, bool | int | float) or value is None:
-        return True
-    if isinstance(value, str):
-        return _WORD.fullmatch(value) is not None
-    if isinstance(value, list):
-        return all(isinstance(v, bool | int | float) for v in value)
-    return False
-
-
-def read_run_config(config_file: Path) -> dict[str, Any]:
-    """A run's config.json, checked: it is read next to weights that may come from anywhere."""
-    fix = "re-export the run, or point model.pretrained at the weight file and set the recipe's geometry"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise WeightsError(f"{config_file} is not valid JSON ({err}); {fix}") from None
-    if not isinstance(config, dict):
-        raise WeightsError(f"{config_file} is not a JSON object; {fix}")
-    unknown = sorted(set(config) - CONFIG_KEYS)
-    if unknown:
-        raise WeightsError(f"{config_file} has unknown keys {unknown}; {fix}")
-    kwargs = config.get("model_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise WeightsError(f"{config_file}: model_kwargs must be an object; {fix}")
-    refused = sorted(
-        k for k, v in kwargs.items() if k not in GEOMETRY_KWARGS or not _geometry_value(v)
-    )
-    if refused:
-        raise WeightsError(
-            f"{config_file}: model_kwargs {refused} are not architecture geometry (sizes and switches such as depth, embed_dim); {fix}"
-        )
-    classes = config.get("classes", [])
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise WeightsError(f"{config_file}: classes must be a list of names; {fix}")
-    return config
 
 
 def verify_sha256(path: Path, expected: str | None) -> None:
