@@ -47,7 +47,8 @@ def test_two_process_ddp_on_cpu_completes_a_fit(tmp_path: Path) -> None:
     ):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "config.json").read_text())["label_names"] == ["a", "b"]
-    # The second process really ran: each rank saw half the training images: 16 of 32 in batches of 4 -> 4 steps per epoch.
+    # The second process really ran: each rank saw half the training images,
+    # 16 of 32 in batches of 4 -> 4 steps per epoch.
     train_images = 2 * (20 - held_out(20, 0.2))
     steps_per_epoch = train_images // 2 // 4
     rows = read_metrics(run_dir)
