@@ -43,11 +43,19 @@ class EpochLines(ProgressBar):
         self.started = 0.0
         self.validation: dict[str, float] = {}  # this epoch's values, empty if it had none
 
+    @property
+    def is_enabled(self) -> bool:  # LightningModule.print asks before printing through the bar
+        return self.enabled
+
     def disable(self) -> None:
         self.enabled = False
 
     def enable(self) -> None:
         self.enabled = True
+
+    def print(self, *args: object, **kwargs: object) -> None:
+        """`LightningModule.print` (rank 0 only), on the same stream as the epoch lines."""
+        self.write(" ".join(str(a) for a in args))
 
     def write(self, line: str) -> None:
         stream = self.stream or sys.stdout
