@@ -124,7 +124,12 @@ def load_runner(path: Path, fmt: str) -> Runner:
     if fmt == "onnx":
         import onnxruntime as ort  # noqa: PLC0415
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # As many threads as torch uses (OMP_NUM_THREADS), so latencies compare like with like.
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         return lambda images: session.run(None, {INPUT_NAME: images})[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -78,6 +78,11 @@ def _removed(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def int8_path(path: Path) -> Path:
+    """`model.onnx` -> `model.int8.onnx`."""
+    return path.with_name(f"{path.stem}.int8{path.suffix}")
+
+
 def _check_options(fmt: str, opset: int | None, quantize: str | None, tolerance: float) -> None:
     if fmt not in FORMATS:
         raise RecipeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -130,7 +135,9 @@ def export_run(
 
     path = Path(out) if out else run.folder / "export" / f"model{SUFFIXES[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _removed(path)  # an earlier export's sidecar must not describe this one
+    # An earlier export's files (its int8 variant too) must not outlive or describe this one.
+    _removed(path)
+    _removed(int8_path(path))
     try:
         if fmt == "onnx":
             export_onnx(deployed, feed[:2], path, opset)
@@ -188,8 +195,7 @@ def export_run(
 
 
 def _quantized(fmt, deployed, feed, path, reference, check, measured) -> Variant:
-    target = path.with_name(f"{path.stem}.int8{path.suffix}")
-    _removed(target)
+    target = int8_path(path)
     if fmt == "onnx":
         quantize_onnx(path, target)
     else:
@@ -223,7 +229,7 @@ def report_document(result: ExportResult, run_folder: Path, weights: str) -> dic
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(),  # torch and onnxruntime alike
         },
         "variants": [
             {
