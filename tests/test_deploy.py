@@ -40,9 +40,15 @@ CLASSES = ["a", "b", "c"]
 def tiny_model(name: str = "vit_tiny_patch16_224", in_chans: int = 3, size=(32, 48)):
     torch.manual_seed(0)
     return timm.create_model(
-        name, num_classes=4, img_size=size, patch_size=8, in_chans=in_chans,
-        embed_dim=64, depth=2, num_heads=2,
-    ).eval()  # fmt: skip
+        name,
+        num_classes=4,
+        img_size=size,
+        patch_size=8,
+        in_chans=in_chans,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+    ).eval()
 
 
 def exported_runner(model: torch.nn.Module, fmt: str, example: torch.Tensor, path: Path):
@@ -94,9 +100,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_class_images(root / "data", dict.fromkeys(CLASSES, 20), channels=3)
     recipe = write_recipe(root / "r.yaml", {"data": {"root": str(root / "data")}})
     overrides = tiny(
-        "model.img_size=[32, 48]", "model.in_chans=3", "trainer.max_epochs=4",
-        "data.batch_size=8", "data.val_fraction=0.5", "optim.lr=2e-3", "logging.name=run",
-    )  # fmt: skip
+        "model.img_size=[32, 48]",
+        "model.in_chans=3",
+        "trainer.max_epochs=4",
+        "data.batch_size=8",
+        "data.val_fraction=0.5",
+        "optim.lr=2e-3",
+        "logging.name=run",
+    )
     result = run_cli("finetune", str(recipe), *overrides, cwd=root, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "run"
@@ -129,6 +140,7 @@ def test_sidecar_describes_the_input(run_dir: Path, fmt: str, bake: bool, tmp_pa
     assert contract["input"]["std"] == pytest.approx(config["std"])
     assert contract["classes"] == config["classes"] == CLASSES
     assert contract["output"]["shape"] == ["batch", 3]
+    assert contract.get("opset", 17) >= 17  # ONNX only: the opset the file was written for
     # Following the contract by hand gives what PyTorch gives through vittune's own pipeline.
     run = load_trained_run(run_dir)
     found = scan_sources(run.recipe.data)
@@ -183,3 +195,18 @@ def test_baked_normalisation_is_the_eval_transform_step() -> None:
     normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(Normalised(model, mean, std)(pixels), model(normalised))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(fmt="tflite"), "--format must be one of onnx, torchscript, got 'tflite'"),
+        (dict(fmt="torchscript", opset=18), "--opset applies to --format onnx only"),
+        (dict(opset=13), "--opset 13 has no LayerNormalization"),
+        (dict(quantize="int4"), "--quantize must be int8, got 'int4'"),
+    ],
+)
+def test_option_mistakes_are_one_line_before_any_work(options: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")) as caught:
+        export_run("/nonexistent/run", **options)  # refused before the run is even read
+    assert "\n" not in str(caught.value)

@@ -142,6 +142,14 @@ def load_runner(path: Path, fmt: str) -> Runner:
     return run
 
 
+def onnx_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file was written for (read without its weights)."""
+    import onnx  # noqa: PLC0415
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def file_size(path: Path) -> int:
     """Bytes on disk, with ONNX external weight data (models over 2 GB) counted."""
     external = path.with_name(path.name + ".data")

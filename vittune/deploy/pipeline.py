@@ -28,6 +28,7 @@ from vittune.deploy.formats import (
     export_torchscript,
     file_size,
     load_runner,
+    onnx_opset,
     quantize_onnx,
     quantize_torchscript,
     require_extra,
@@ -47,6 +48,7 @@ from vittune.trained_run import build_trained, load_trained_run
 
 QUANTIZE_CHOICES = ("int8",)
 LATENCY_BATCHES = (1, 32)
+MIN_OPSET = 17  # LayerNormalization; older targets fail in onnx's version converter
 
 
 @dataclass
@@ -88,8 +90,10 @@ def _check_options(fmt: str, opset: int | None, quantize: str | None, tolerance:
         raise RecipeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if opset is not None and fmt != "onnx":
         raise RecipeError("--opset applies to --format onnx only")
-    if opset is not None and opset < 18:
-        raise RecipeError(f"--opset {opset} is too old for torch.onnx's exporter; use 18 or later")
+    if opset is not None and opset < MIN_OPSET:
+        raise RecipeError(
+            f"--opset {opset} has no LayerNormalization, which a ViT needs; use {MIN_OPSET} or later"
+        )
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise RecipeError(f"--quantize must be {' or '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     if not tolerance > 0:
@@ -171,10 +175,14 @@ def export_run(
         measured(f"{fmt} fp32", path, result, runner),
     ]
     contract = input_contract(run, fmt, mean, std, bake_normalisation, None)
+    if fmt == "onnx":
+        contract["opset"] = onnx_opset(path)
     sidecar = write_sidecar(path, {**contract, "check": _check_doc(result, check, tolerance)})
     if quantize:
         variants.append(_quantized(fmt, deployed, feed, path, reference, check, measured))
         contract = input_contract(run, fmt, mean, std, bake_normalisation, quantize)
+        if fmt == "onnx":
+            contract["opset"] = onnx_opset(variants[-1].path)
         doc = _check_doc(variants[-1].check, check, None)
         write_sidecar(variants[-1].path, {**contract, "check": doc})
 
