@@ -239,6 +239,9 @@ def export(
     ] = False,
     quantize: Annotated[str | None, typer.Option(help="int8: also write an int8 variant")] = None,
     tolerance: Annotated[float, typer.Option(help="Largest logit difference allowed")] = 1e-4,
+    check_images: Annotated[
+        int, typer.Option(help="Validation images to check and score on (evenly spaced)")
+    ] = 1000,
 ) -> None:
     """Export a trained run to ONNX or TorchScript, checked against PyTorch on its val images."""
 
@@ -254,6 +257,7 @@ def export(
             bake_normalisation,
             quantize,
             tolerance,
+            check_images,
             log=typer.echo,
         )
         typer.echo(

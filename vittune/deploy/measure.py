@@ -51,12 +51,16 @@ def validation_samples(run: TrainedRun) -> tuple[SplitSamples | None, str | None
 def check_images(
     run: TrainedRun, assembly: Assembly, limit: int | None, note: str | None, seed: int = 0
 ) -> CheckImages:
-    """Up to `limit` validation images through the eval transform; random ones as a fallback."""
+    """Up to `limit` validation images (None: all) through the eval transform; random ones as a
+    fallback. They are held in memory, hence the limit for large validation sets."""
     chans, (height, width) = run.recipe.model.in_chans, run.recipe.model.img_size
     if note is None:
         dataset = assembly.datamodule.dataset("val")
-        count = len(dataset) if limit is None else min(limit, len(dataset))
-        items = [item for item in (dataset[i] for i in range(count)) if item is not None]
+        picks = range(len(dataset))
+        if limit is not None and limit < len(dataset):
+            # evenly spaced, not the first `limit`: the split is ordered by class
+            picks = np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int))
+        items = [item for item in (dataset[int(i)] for i in picks) if item is not None]
         if items:
             images = torch.stack([image for image, _ in items])  # [N, C, H, W]
             targets = None
@@ -65,7 +69,7 @@ def check_images(
             return CheckImages(images, targets, "validation")
         note = "no validation image could be decoded"
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(limit or 64, chans, height, width, generator=generator)
+    images = torch.randn(min(limit or 64, 64), chans, height, width, generator=generator)
     return CheckImages(images, None, "random", note)
 
 

@@ -85,7 +85,9 @@ def int8_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.int8{path.suffix}")
 
 
-def _check_options(fmt: str, opset: int | None, quantize: str | None, tolerance: float) -> None:
+def _check_options(
+    fmt: str, opset: int | None, quantize: str | None, tolerance: float, check_limit: int | None
+) -> None:
     if fmt not in FORMATS:
         raise RecipeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if opset is not None and fmt != "onnx":
@@ -96,6 +98,8 @@ def _check_options(fmt: str, opset: int | None, quantize: str | None, tolerance:
         )
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise RecipeError(f"--quantize must be {' or '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if check_limit is not None and check_limit < 1:
+        raise RecipeError(f"--check-images must be at least 1, got {check_limit}")
     if not tolerance > 0:
         raise RecipeError(f"--tolerance must be positive, got {tolerance}")
 
@@ -109,16 +113,17 @@ def export_run(
     bake_normalisation: bool = False,
     quantize: str | None = None,
     tolerance: float = 1e-4,
-    check_limit: int | None = None,
+    check_limit: int | None = 1000,
     latency_repeats: int = 20,
     log: Callable[[str], None] = lambda line: None,
 ) -> ExportResult:
     """Export a finetune or distill run, check it against PyTorch, and write its report.
 
-    `check_limit` caps the validation images used (None: all of them); `latency_repeats`
+    `check_limit` caps the validation images used (evenly spaced; None: all of them), which
+    the accuracies are measured on too; `latency_repeats`
     is how many timed runs each median is taken over.
     """
-    _check_options(fmt, opset, quantize, tolerance)
+    _check_options(fmt, opset, quantize, tolerance, check_limit)
     if fmt == "onnx":
         require_extra()
     run = load_trained_run(run_folder, [], weights)
@@ -223,6 +228,17 @@ def _check_doc(result: Agreement, check, tolerance: float | None) -> dict[str, A
     }
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def report_document(result: ExportResult, run_folder: Path, weights: str) -> dict[str, Any]:
     """report.json: the check and, per variant, size, agreement, accuracy and latency."""
     return {
@@ -235,7 +251,7 @@ def report_document(result: ExportResult, run_folder: Path, weights: str) -> dic
         "num_images": result.num_images,
         "tolerance": result.tolerance,
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),  # torch and onnxruntime alike
         },
