@@ -239,6 +239,52 @@ def attention(
     guarded(action)
 
 
+@app.command()
+def export(
+    run: RunArg,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    out: Annotated[
+        str | None, typer.Option("--out", help="Default: RUN/export/model.onnx (or .pt)")
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: torch's)")] = None,
+    weights: WeightsOpt = "best",
+    bake_normalisation: Annotated[
+        bool, typer.Option("--bake-normalisation", help="The graph takes [0, 1] pixels.")
+    ] = False,
+    quantize: Annotated[str | None, typer.Option(help="int8: also write an int8 variant")] = None,
+    tolerance: Annotated[float, typer.Option(help="Largest logit difference allowed")] = 1e-4,
+    check_images: Annotated[
+        int, typer.Option(help="Validation images to check and score on (evenly spaced)")
+    ] = 1000,
+) -> None:
+    """Export a trained run to ONNX or TorchScript, checked against PyTorch on its val images."""
+
+    def action() -> None:
+        from vittune.deploy import export_run, format_table
+
+        result = export_run(
+            run,
+            fmt,
+            out,
+            opset,
+            weights,
+            bake_normalisation,
+            quantize,
+            tolerance,
+            check_images,
+            log=typer.echo,
+        )
+        typer.echo(
+            f"vittune export: {result.path} matches PyTorch on {result.num_images}"
+            f" {result.source} images (max |logit diff| {result.variants[1].check.max_abs_diff:.2e},"
+            f" top-1 agreement {result.variants[1].check.top1_agreement:.2%})"
+        )
+        typer.echo(format_table(result))
+        typer.echo(f"\ninput contract: {result.sidecar}\nreport: {result.report}")
+
+    guarded(action)
+
+
 def show_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
