@@ -55,9 +55,9 @@ class RecordLr(L.Callback):
         self.lrs.append([g["lr"] for g in optimizer.param_groups])
 
 
-def test_schedule_steps_per_optimiser_step_with_accumulation(tmp_path: Path) -> None:
-    # 2 classes x 13 images, 3 held out per class -> 20 train images -> 5 batches of 4;
-    # accumulating 2 batches gives ceil(5 / 2) = 3 optimiser steps per epoch, 9 in 3 epochs.
+def fit_recording_lrs(tmp_path: Path, schedule: dict, trainer: dict) -> list[list[float]]:
+    """Fit a tiny ViT on 2 classes x 13 images (3 held out per class -> 20 train images, 5
+    batches of 4 per epoch) and return every group's lr at every optimiser step."""
     make_class_images(tmp_path / "data", {"a": 13, "b": 13}, size=32)
     recipe = Recipe.model_validate(
         {
@@ -70,57 +70,38 @@ def test_schedule_steps_per_optimiser_step_with_accumulation(tmp_path: Path) -> 
             },
             "augment": {"preset": "none"},
             "optim": {"lr": 0.01, "weight_decay": 0.05},
-            "schedule": {"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1},
-            "trainer": {
-                "max_epochs": 3,
-                "accumulate_grad_batches": 2,
-                "accelerator": "cpu",
-                "devices": 1,
-                "precision": "32-true",
-            },
+            "schedule": schedule,
+            "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", **trainer},
             "logging": {"wandb": False},
         }
     )
     assembly = build(recipe, "finetune")
     recorder = RecordLr()
-    trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/acc1", "max"), [recorder])
-    trainer.fit(assembly.task, datamodule=assembly.datamodule)
+    fitted, _, _ = build_trainer(recipe, tmp_path / "run", ("val/acc1", "max"), [recorder])
+    fitted.fit(assembly.task, datamodule=assembly.datamodule)
+    assert fitted.global_step == len(recorder.lrs)
+    return recorder.lrs
+
+
+def test_schedule_steps_per_optimiser_step_with_accumulation(tmp_path: Path) -> None:
+    # Accumulating 2 batches gives ceil(5 / 2) = 3 optimiser steps per epoch, 9 in 3 epochs.
+    lrs = fit_recording_lrs(
+        tmp_path,
+        {"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1},
+        {"max_epochs": 3, "accumulate_grad_batches": 2},
+    )
     total = 3 * math.ceil(5 / 2)
-    assert trainer.global_step == total == len(recorder.lrs)
-    for step, group_lrs in enumerate(recorder.lrs):
+    assert len(lrs) == total
+    for step, group_lrs in enumerate(lrs):
         assert group_lrs == pytest.approx([expected_lr(step, total, 2, 0.01, 0.1)] * len(group_lrs))
 
 
 def test_warmup_epochs_stay_real_epochs_when_max_steps_caps_training(tmp_path: Path) -> None:
-    # 20 train images in batches of 4 -> 5 optimiser steps per epoch, so one warmup epoch is
-    # 5 steps, also when max_steps=7 ends training long before max_epochs=10.
-    make_class_images(tmp_path / "data", {"a": 13, "b": 13}, size=32)
-    recipe = Recipe.model_validate(
-        {
-            "model": {**TINY_VIT, "drop_path_rate": 0.0},
-            "data": {
-                "root": str(tmp_path / "data"),
-                "val_fraction": 0.2,
-                "batch_size": 4,
-                "num_workers": 0,
-            },
-            "augment": {"preset": "none"},
-            "optim": {"lr": 0.01},
-            "schedule": {"name": "cosine", "warmup_epochs": 1},
-            "trainer": {
-                "max_epochs": 10,
-                "max_steps": 7,
-                "accelerator": "cpu",
-                "devices": 1,
-                "precision": "32-true",
-            },
-            "logging": {"wandb": False},
-        }
+    # 5 optimiser steps per epoch, so one warmup epoch is 5 steps, also when max_steps=7 ends
+    # training long before max_epochs=10.
+    lrs = fit_recording_lrs(
+        tmp_path, {"name": "cosine", "warmup_epochs": 1}, {"max_epochs": 10, "max_steps": 7}
     )
-    assembly = build(recipe, "finetune")
-    recorder = RecordLr()
-    trainer, _, _ = build_trainer(recipe, tmp_path / "run", ("val/acc1", "max"), [recorder])
-    trainer.fit(assembly.task, datamodule=assembly.datamodule)
-    assert len(recorder.lrs) == 7
-    for step, group_lrs in enumerate(recorder.lrs):
+    assert len(lrs) == 7
+    for step, group_lrs in enumerate(lrs):
         assert group_lrs[0] == pytest.approx(expected_lr(step, 7, 5, 0.01))

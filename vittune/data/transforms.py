@@ -14,6 +14,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 from albumentations.pytorch import ToTensorV2
+from timm.layers import to_2tuple
 
 from vittune.errors import RecipeError
 from vittune.recipe.schema import AugmentConfig
@@ -59,10 +60,6 @@ def seed_augmentation(transform: A.BaseCompose | None, seed: np.random.SeedSeque
     transform.set_random_state(
         np.random.default_rng(numpy_seed), random.Random(int(python_seed.generate_state(1)[0]))
     )
-
-
-def _size(img_size: int | tuple[int, int]) -> tuple[int, int]:
-    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
 
 def _preset(name: str, height: int, width: int) -> list[A.BasicTransform]:
@@ -150,7 +147,7 @@ def build_train_transform(
     mean: tuple[float, ...],
     std: tuple[float, ...],
 ) -> A.Compose:
-    height, width = _size(img_size)
+    height, width = tuple(to_2tuple(img_size))
     ops = (
         _explicit(cfg.transforms, height, width)
         if cfg.transforms is not None
@@ -162,7 +159,7 @@ def build_train_transform(
 def build_eval_transform(
     img_size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
 ) -> A.Compose:
-    height, width = _size(img_size)
+    height, width = tuple(to_2tuple(img_size))
     return A.Compose(
         [
             A.Resize(height, width),

@@ -15,6 +15,7 @@ from torch import nn
 from vittune.errors import RecipeError, WeightsError
 from vittune.models import surgery
 from vittune.models.weights import (
+    WeightSource,
     prepare_hub_access,
     read_state_dict,
     resolve_weight_file,
@@ -114,9 +115,10 @@ def checkpoint_filter(model: nn.Module):
     return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
 
 
-def load_weights(model: nn.Module, source_spec: str, cfg: ModelConfig, report: LoadReport) -> None:
-    """Load a local file or run folder into `model`, resampling geometry and checking keys."""
-    source = resolve_weight_file(source_spec)
+def load_weights(
+    model: nn.Module, source: WeightSource, cfg: ModelConfig, report: LoadReport
+) -> None:
+    """Load a resolved weight file into `model`, resampling geometry and checking keys."""
     verify_sha256(source.path, cfg.pretrained_sha256)
     state = read_state_dict(source.path)
     report.source = str(source.path)
@@ -161,13 +163,21 @@ def load_weights(model: nn.Module, source_spec: str, cfg: ModelConfig, report: L
     report.reinitialised = reinit
 
 
-def create_backbone(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, LoadReport]:
-    """Build the recipe's model with a `num_classes` head and load its weights."""
+def create_backbone(
+    cfg: ModelConfig, num_classes: int, source: WeightSource | None = None
+) -> tuple[nn.Module, LoadReport]:
+    """Build the recipe's model with a `num_classes` head and load its weights.
+
+    `source` is `cfg.pretrained` already resolved by the caller (the teacher reads its
+    config.json first); each weight file is resolved once and passed along.
+    """
     extra = {"drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate, **cfg.kwargs}
     report = LoadReport()
-    if isinstance(cfg.pretrained, str) and cfg.kwargs == {}:
+    if isinstance(cfg.pretrained, str):
+        source = source or resolve_weight_file(cfg.pretrained)
+    if source is not None and cfg.kwargs == {}:
         # An export remembers its architecture arguments: reuse them unless the recipe sets any.
-        saved = resolve_weight_file(cfg.pretrained).config
+        saved = source.config
         if saved is not None and saved.model_kwargs and saved.architecture == cfg.name:
             extra.update(saved.model_kwargs)
             report.notes.append(f"model.kwargs taken from {saved.path}: {saved.model_kwargs}")
@@ -186,8 +196,8 @@ def create_backbone(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Load
     if hasattr(model, "patch_embed"):
         _check_divisible(model, cfg.img_size)
     report.grid_after = surgery.grid_of(model)
-    if isinstance(cfg.pretrained, str):
-        load_weights(model, cfg.pretrained, cfg, report)
+    if source is not None:
+        load_weights(model, source, cfg, report)
     elif cfg.pretrained is False:
         report.reinitialised = []
     return model, report

@@ -25,7 +25,7 @@ from vittune.errors import RecipeError, WeightsError
 from vittune.models.backbone import create_backbone
 from vittune.models.normalisation import resolve_normalisation
 from vittune.models.run_config import RunConfig
-from vittune.models.weights import resolve_weight_file
+from vittune.models.weights import WeightSource, resolve_weight_file
 from vittune.recipe.schema import ModelConfig, TeacherConfig
 
 
@@ -191,7 +191,7 @@ def _from_hub(cfg: TeacherConfig, student_in_chans: int) -> tuple[ModelConfig, l
 
 def _from_file(
     cfg: TeacherConfig, student_in_chans: int
-) -> tuple[ModelConfig, list[str], RunConfig, str]:
+) -> tuple[ModelConfig, list[str], RunConfig, WeightSource]:
     source = resolve_weight_file(str(cfg.pretrained))
     saved = source.config or RunConfig(source.path.parent / "config.json")
     arch = saved.architecture
@@ -223,7 +223,7 @@ def _from_file(
         keep_head=True,
         kwargs=cfg.kwargs,
     )
-    return model_cfg, classes, saved, str(source.path)
+    return model_cfg, classes, saved, source
 
 
 def build_teacher(
@@ -235,18 +235,16 @@ def build_teacher(
 ) -> FrozenTeacher:
     """Create the recipe's teacher with its trained head and wrap it for the student's batches.
 
-    A teacher without weights is an error (a random teacher would teach noise), and so is a
-    head that does not load: the head is what teaches.
+    A head that does not load is an error: the head is what teaches. (A teacher without
+    weights, `pretrained: false`, is refused with the recipe: recipe/checks.py.)
     """
-    if cfg.pretrained is False:
-        raise RecipeError(
-            "distill.teacher.pretrained is false: a random teacher teaches nothing; point it at weights"
-        )
     saved: RunConfig | None = None
+    weights: WeightSource | None = None
     if cfg.pretrained is True:
         model_cfg, teacher_classes, source = _from_hub(cfg, student_in_chans)
     else:
-        model_cfg, teacher_classes, saved, source = _from_file(cfg, student_in_chans)
+        model_cfg, teacher_classes, saved, weights = _from_file(cfg, student_in_chans)
+        source = str(weights.path)
         # 0 outputs (an MAE encoder) is left to the head check below: "no trained head"
         if saved.num_classes not in (None, 0, len(teacher_classes)):
             raise RecipeError(
@@ -258,7 +256,7 @@ def build_teacher(
         raise RecipeError(
             f"cannot feed a {student_in_chans}-channel student batch to a {in_chans}-channel teacher; set distill.teacher.in_chans to 1 or {student_in_chans}"
         )
-    model, report = create_backbone(model_cfg, num_classes=len(teacher_classes))
+    model, report = create_backbone(model_cfg, len(teacher_classes), source=weights)
     if report.reinitialised:
         raise WeightsError(
             f"{source} has no trained head for {len(teacher_classes)} classes ({', '.join(report.reinitialised)}); a teacher must be a trained classifier, e.g. a `vittune finetune` run"
