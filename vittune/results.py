@@ -7,15 +7,14 @@ numbers of the weights that were exported.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from vittune.assembly import Assembly
+from vittune.checkpointing import BestCheckpoint
 
 
 def test_weights(
@@ -40,52 +39,27 @@ def test_weights(
     return results
 
 
-def best_epoch(best_checkpoint: str | None) -> int | None:
-    if not best_checkpoint or not Path(best_checkpoint).is_file():
-        return None
-    state = torch.load(best_checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return int(state["epoch"])
-
-
-def validation_at(run_dir: Path, epoch: int | None) -> dict[str, float]:
-    """Every `val/*` number logged at `epoch`, from the run's CSV log."""
-    log = run_dir / "csv" / "metrics.csv"
-    if epoch is None or not log.is_file():
-        return {}
-    found: dict[str, float] = {}
-    with log.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("epoch") not in (str(epoch), f"{epoch}.0"):
-                continue
-            found.update(
-                {
-                    k: float(v)
-                    for k, v in row.items()
-                    if k.startswith("val/") and v not in ("", None)
-                }
-            )
-    return found
-
-
 def _finite(values: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
 def write_metrics_json(
-    run_dir: Path,
-    monitor: str,
-    best_score: float | None,
-    best_checkpoint: str | None,
-    tests: dict[str, dict[str, float]],
+    run_dir: Path, checkpoint: BestCheckpoint, tests: dict[str, dict[str, float]]
 ) -> dict:
-    """Write and return `metrics.json`: the best epoch's validation numbers and the tests."""
-    epoch = best_epoch(best_checkpoint)
+    """Write and return `metrics.json`: the best epoch's validation numbers and the tests.
+
+    The best epoch and its `val/*` values are the ones the best-checkpoint callback recorded
+    when it saved (kept across resumes, also into a new folder whose CSV log lacks them).
+    """
+    score = checkpoint.best_model_score
+    best_score = float(score) if score is not None else None
+    best = checkpoint.best_model_path
     document = {
-        "monitor": monitor,
+        "monitor": checkpoint.monitor,
         "best_score": best_score if best_score is None or math.isfinite(best_score) else None,
-        "best_epoch": epoch,
-        "best_checkpoint": Path(best_checkpoint).name if best_checkpoint else None,
-        "best_val": _finite(validation_at(run_dir, epoch)),
+        "best_epoch": checkpoint.best_epoch,
+        "best_checkpoint": Path(best).name if best else None,
+        "best_val": _finite(checkpoint.best_metrics),
         **{name: _finite(values) for name, values in tests.items()},
     }
     (run_dir / "metrics.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")

@@ -170,7 +170,7 @@ def _fit_into(
         result.export_path = export_best(
             assembly, recipe, command, best, run_dir, metrics=tests.get("test")
         )
-        result.metrics = write_metrics_json(run_dir, monitor[0], result.best_score, best, tests)
+        result.metrics = write_metrics_json(run_dir, checkpoint, tests)
         if tests:
             log_tests(run_dir, tests, log)
     return result
