@@ -7,6 +7,7 @@ runs the model, and writes the report into `RUN/eval/<name>/`.
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from vittune.evaluation.figures import (
 )
 from vittune.evaluation.prediction_csv import write_predictions
 from vittune.evaluation.report import EvaluationReport, build_report
+from vittune.run_folder import claim_fresh_folder
 from vittune.trained_run import TrainedRun, align_to_run, build_trained, load_trained_run
 
 SPLITS = ("auto", "train", "val", "test", "all")
@@ -81,7 +83,6 @@ def predict_dataset(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    flip: bool = False,
 ) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
     """(scored indices, undecodable indices, probs [N, K], targets) over a dataset, in order."""
     loader = DataLoader(
@@ -93,12 +94,8 @@ def predict_dataset(
         failed += bad
         if batch is None:
             continue
-        images = batch[0].to(device)
-        p = task.probabilities(task(images))
-        if flip:  # horizontal-flip averaging: the mean of the two probability vectors
-            p = (p + task.probabilities(task(images.flip(-1)))) / 2
         scored += indices
-        probs.append(p.float().cpu())
+        probs.append(task.probabilities(task(batch[0].to(device))).float().cpu())
         targets.append(batch[1])
     if not scored:
         raise DataError("no image could be decoded; check the files")
@@ -119,15 +116,20 @@ def token_merging_table(
 
     model = task.model
     check_supported(model)
+    # Decoded again for every r rather than held in memory: a validation split of ViT-sized
+    # images would not fit; the clock measures the forward alone either way.
     loader = DataLoader(_Indexed(dataset), batch_size=batch_size, collate_fn=_collate)
-    batches = [batch for _, _, batch in loader if batch is not None]
     grid = model.patch_embed.grid_size
     rows = []
     for r in [0, *sorted(set(merges) - {0})]:
         correct, seconds, count = 0, 0.0, 0
         with token_merging(model, r):
-            for images, targets in batches:
-                images = images.to(device)
+            for _, _, batch in loader:
+                if batch is None:
+                    continue
+                images, targets = batch[0].to(device), batch[1]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the copy is not the model's time
                 start = time.perf_counter()
                 logits = task(images)
                 if device.type == "cuda":
@@ -170,17 +172,6 @@ def choose_samples(run: TrainedRun, split: str, new_data: bool) -> tuple[SplitSa
     return align_to_run(picked, run.classes), chosen
 
 
-def _fresh_folder(base: Path, name: str) -> Path:
-    candidate, suffix = base / name, 1
-    while True:
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            suffix += 1
-            candidate = base / f"{name}-{suffix}"
-
-
 def _display_images(run: TrainedRun, paths: list[Path]) -> np.ndarray:
     """[M, C, H, W] in [0, 1] at the model's input size: what the model saw, before normalising."""
     cfg, (height, width) = run.recipe.data, run.recipe.model.img_size
@@ -191,13 +182,13 @@ def _display_images(run: TrainedRun, paths: list[Path]) -> np.ndarray:
     return np.stack([p if p.ndim == 3 else p[:, :, None] for p in pixels]).transpose(0, 3, 1, 2)
 
 
-def _per_class_csv(report: EvaluationReport) -> str:
+def _write_per_class_csv(report: EvaluationReport, path: Path) -> None:
     columns = ["precision", "recall", "specificity", "f1", "auroc"]
-    lines = [",".join(["class", *columns, "support"])]
-    for row in report.per_class.rows():
-        name = '"' + str(row["name"]).replace('"', '""') + '"'
-        lines.append(",".join([name, *(f"{row[c]:.6g}" for c in columns), str(row["support"])]))
-    return "\n".join(lines) + "\n"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", *columns, "support"])
+        for row in report.per_class.rows():
+            writer.writerow([row["name"], *(f"{row[c]:.6g}" for c in columns), row["support"]])
 
 
 def _target_names(report: EvaluationReport, target: np.ndarray) -> str:
@@ -211,7 +202,7 @@ def write_outputs(run: TrainedRun, result: Evaluation, targets: np.ndarray, meta
     report, folder = result.report, result.folder
     document = {**meta, **report.to_dict()}
     (folder / "metrics.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    (folder / "per_class.csv").write_text(_per_class_csv(report))
+    _write_per_class_csv(report, folder / "per_class.csv")
     write_predictions(
         folder / "predictions.csv",
         result.paths,
@@ -279,7 +270,9 @@ def evaluate_run(
     )
     source = cfg.root or cfg.csv or f"builtin {cfg.builtin}"
     base_name = name or (chosen if not new_data else Path(str(source)).stem or chosen)
-    folder = _fresh_folder(Path(run_folder) / "eval", base_name)
+    folder = claim_fresh_folder(
+        Path(run_folder) / "eval", base_name, "evaluation folder", "make the run folder writable"
+    )
     result = Evaluation(
         report,
         folder,

@@ -52,7 +52,10 @@ def inherited_run_dir() -> Path | None:
     return None
 
 
-def _make_folder(path: Path) -> bool:
+RUN_DIR_FIX = "point logging.run_dir at a writable folder"
+
+
+def _make_folder(path: Path, kind: str = "run folder", fix: str = RUN_DIR_FIX) -> bool:
     """mkdir that reports whether it made the folder; a user error when it cannot."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +64,19 @@ def _make_folder(path: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as err:
-        raise RecipeError(
-            f"cannot create run folder {path}: {err.strerror}; point logging.run_dir at a writable folder"
-        ) from None
+        raise RecipeError(f"cannot create {kind} {path}: {err.strerror}; {fix}") from None
+
+
+def claim_fresh_folder(
+    base: Path, name: str, kind: str = "run folder", fix: str = RUN_DIR_FIX
+) -> Path:
+    """`base/name`, else `name-2`, `name-3`...: never an existing folder. `mkdir` without
+    `exist_ok` claims a name atomically, so two processes at once get different folders."""
+    candidate, suffix = base / name, 1
+    while not _make_folder(candidate, kind, fix):
+        suffix += 1
+        candidate = base / f"{name}-{suffix}"
+    return candidate
 
 
 def prepare_run_dir(recipe_name: str | None, run_dir: str, stem: str, reuse: bool) -> RunFolder:
@@ -82,11 +95,7 @@ def prepare_run_dir(recipe_name: str | None, run_dir: str, stem: str, reuse: boo
     if reuse:  # `trainer.resume_from: auto` continues in the folder the name gives
         folder = RunFolder(base / name, created=_make_folder(base / name), owner=True)
     else:
-        candidate, suffix = base / name, 1
-        while not _make_folder(candidate):
-            suffix += 1
-            candidate = base / f"{name}-{suffix}"
-        folder = RunFolder(candidate, created=True, owner=True)
+        folder = RunFolder(claim_fresh_folder(base, name), created=True, owner=True)
     _check_writable(folder)
     os.environ[RUN_DIR_ENV] = str(folder.path)
     os.environ[RUN_DIR_PARENT_ENV] = str(os.getpid())
