@@ -264,7 +264,7 @@ def run_vittune(
         recipe = vittune_recipe(cfg, total, Path(tmp))
         torch.manual_seed(seed)
         classes = [f"class{i}" for i in range(cfg.num_classes)]
-        in_memory = SplitSamples(classes=classes, splits={"train": [], "val": []})
+        in_memory = SplitSamples.classes_only(classes)
         task = build(recipe, "finetune", run_dir, found=in_memory).task
         clock = StepClock(PlainLoop(cfg, seed) if paired else None)
         trainer, _, _ = build_trainer(recipe, run_dir, monitor_of(recipe, task), [clock])

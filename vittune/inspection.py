@@ -50,13 +50,13 @@ def forward_flops(model: torch.nn.Module, in_chans: int, img_size: tuple[int, in
 
 def _found(recipe: Recipe, command: Command) -> tuple[SplitSamples, str]:
     if command == "pretrain-mae":
-        stand_in = SplitSamples(classes=[], splits={"train": [], "val": []})
+        stand_in = SplitSamples.classes_only([])
         return stand_in, "none: MAE pretrains the encoder alone (labels are ignored)"
     try:
         found = scan_sources(recipe.data)
         return found, f"{len(found.classes)} classes from the data"
     except DataError as err:
-        stand_in = SplitSamples(classes=STAND_IN_CLASSES, splits={"train": [], "val": []})
+        stand_in = SplitSamples.classes_only(STAND_IN_CLASSES)
         return stand_in, f"data not readable ({err}); head shown with 2 classes"
 
 

@@ -105,7 +105,7 @@ def align_to_run(found: SplitSamples, run_classes: list[str]) -> SplitSamples:
 
 def build_trained(run: TrainedRun, found: SplitSamples | None = None) -> Assembly:
     """The run's classifier with its trained head, and a data module over `found`."""
-    stand_in = SplitSamples(classes=list(run.classes), splits={"train": [], "val": []})
+    stand_in = SplitSamples.classes_only(run.classes)
     assembly = build(run.recipe, "finetune", found=found or stand_in)
     if assembly.report.reinitialised:
         raise RecipeError(

@@ -36,6 +36,12 @@ class SplitSamples:
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     refused: dict[Path, str] = field(default_factory=dict)  # path -> why it cannot be used
 
+    @classmethod
+    def classes_only(cls, classes: list[str]) -> SplitSamples:
+        """Empty train and val splits: for building a model where no images are read
+        (inspect without the data, inference on files given later, in-memory benchmarks)."""
+        return cls(classes=list(classes), splits={"train": [], "val": []})
+
 
 def drop_unreadable(
     found: SplitSamples, max_pixels: int | None, on_corrupt: str = "skip"
