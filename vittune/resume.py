@@ -42,6 +42,12 @@ RESUME_MAY_CHANGE = (
     "data.num_workers",
     "data.eval_batch_size",
     "data.on_corrupt",
+    "data.format",  # the same images as shards (vittune prepare-data keeps splits and labels)
+    "data.cache",  # how images are read, not which
+    "data.cache_dir",
+    "data.pin_memory",
+    "data.prefetch_factor",
+    "trainer.compile",
     "model.pretrained",  # only the starting weights, which the checkpoint replaces
     "model.pretrained_sha256",
     "checkpoint.every_n_steps",

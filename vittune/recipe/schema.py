@@ -71,6 +71,15 @@ class DataConfig(Section):
     # refuse images whose header declares more pixels (decompression bombs); null or 0: no limit
     max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=0)
     labelled: bool = True  # false: a folder of images without class sub-folders (MAE)
+    # files: a folder, CSV or builtin set, decoded per image; litdata: shards written by
+    # `vittune prepare-data`, read from data.root (a local folder or an object-store URL)
+    format: Literal["files", "litdata"] = "files"
+    # decode each image once: none (every epoch decodes), memory (arrays in RAM, shared with
+    # the workers), disk (a memory-mapped file under data.cache_dir, reused across runs)
+    cache: Literal["none", "memory", "disk"] = "none"
+    cache_dir: str | None = None  # None: $VITTUNE_CACHE_DIR, else ~/.cache/vittune/decoded
+    pin_memory: bool | None = None  # None: on when training on a GPU
+    prefetch_factor: int | None = Field(None, ge=1)  # batches each worker prepares ahead
 
 
 class TransformSpec(Section):
@@ -141,6 +150,8 @@ class TrainerConfig(Section):
     # a vittune checkpoint to continue from (into a new run folder), or `auto`: the newest
     # checkpoint of <logging.run_dir>/<logging.name>, continued in that same folder
     resume_from: str | None = None
+    # torch.compile the backbone (and MAE decoder); the first steps pay the compilation
+    compile: bool = False
 
 
 class CheckpointConfig(Section):
