@@ -255,3 +255,20 @@ def test_files_pil_cannot_parse_are_decoded_to_check_them(tmp_path: Path) -> Non
         assert image_size(tmp_path / name) is None
         with pytest.raises(DataError, match="corrupt or not an image"):
             check_image(tmp_path / name)
+
+
+def test_read_image_bytes_equals_read_image_and_checks_the_header(tmp_path):
+    """Shards and object storage hand over bytes: same pixels, same limits, same errors."""
+    from vittune.data.decode import read_image, read_image_bytes
+    from vittune.errors import DataError
+
+    rng = np.random.default_rng(0)
+    png = tmp_path / "a.png"
+    cv2.imwrite(str(png), rng.integers(0, 65535, (20, 30, 3), dtype=np.uint16))
+    np.testing.assert_array_equal(
+        read_image_bytes(png.read_bytes(), "a.png", 3), read_image(png, 3)
+    )
+    with pytest.raises(DataError, match="a.png declares 30 x 20"):
+        read_image_bytes(png.read_bytes(), "a.png", 3, max_pixels=100)
+    with pytest.raises(DataError, match="cannot decode image broken.jpg"):
+        read_image_bytes(b"\xff\xd8 not really a jpeg", "broken.jpg", 3)

@@ -6,6 +6,7 @@ without converting them to 8 bits; PIL silently drops 16-bit RGB to 8 bits.
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -65,8 +66,9 @@ def match_channels(pixels: np.ndarray, in_chans: int) -> np.ndarray:
     )
 
 
-def image_size(path: str | Path) -> tuple[int, int] | None:
-    """(width, height) as the file's header declares it, read without decoding a pixel.
+def image_size(source: str | Path | bytes) -> tuple[int, int] | None:
+    """(width, height) as the header of a file (or of its bytes) declares it, read without
+    decoding a pixel.
 
     None when PIL cannot parse the header: not an image, a truncated header, or one of the
     few formats OpenCV decodes and PIL does not (float RGB and float64 TIFFs).
@@ -75,15 +77,17 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     # limit (`Image.MAX_IMAGE_PIXELS`), which would override `data.max_image_pixels`; so the
     # registered format readers are called directly, as `Image.open` does, minus that check.
     Image.init()
-    with open(path, "rb") as handle:
+    in_memory = isinstance(source, bytes | bytearray | memoryview)
+    name = "<bytes>" if in_memory else str(source)
+    with io.BytesIO(source) if in_memory else open(source, "rb") as handle:
         prefix = handle.read(16)
-        for name in _HEADER_READERS:
-            factory, accept = Image.OPEN.get(name, (None, None))
+        for reader in _HEADER_READERS:
+            factory, accept = Image.OPEN.get(reader, (None, None))
             if factory is None or (accept is not None and accept(prefix) is not True):
                 continue
             handle.seek(0)
             try:
-                return factory(handle, str(path)).size
+                return factory(handle, name).size
             except (SyntaxError, OSError, ValueError, IndexError, TypeError, struct.error):
                 continue  # not this format (or a broken header): try the next reader
     return None
@@ -99,11 +103,14 @@ def check_pixel_count(path: str | Path, width: int, height: int, max_pixels: int
         )
 
 
-def _decode(path: str | Path) -> np.ndarray:
-    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def _decode(source: str | Path | bytes, name: str | Path) -> np.ndarray:
+    if isinstance(source, bytes | bytearray | memoryview):
+        pixels = cv2.imdecode(np.frombuffer(source, np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        pixels = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
         raise DataError(
-            f"cannot decode image {path}: the file is corrupt or not an image; replace or remove it"
+            f"cannot decode image {name}: the file is corrupt or not an image; replace or remove it"
         )
     return pixels
 
@@ -116,7 +123,7 @@ def check_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
     """
     size = image_size(path)
     if size is None:
-        pixels = _decode(path)
+        pixels = _decode(path, path)
         size = pixels.shape[1], pixels.shape[0]
     check_pixel_count(path, *size, max_pixels)
 
@@ -132,12 +139,34 @@ def read_image(
     The pixel count declared in the header is checked before decoding, so a small file that
     inflates to gigabytes is refused without allocating them.
     """
-    size = image_size(path)
+    return _read(path, path, in_chans, intensity, max_pixels)
+
+
+def read_image_bytes(
+    data: bytes,
+    name: str,
+    in_chans: int = 3,
+    intensity: str = "dtype",
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """`read_image` for a file's bytes already in memory (shards, object storage); `name`
+    only labels errors."""
+    return _read(bytes(data), name, in_chans, intensity, max_pixels)
+
+
+def _read(
+    source: str | Path | bytes,
+    name: str | Path,
+    in_chans: int,
+    intensity: str,
+    max_pixels: int | None,
+) -> np.ndarray:
+    size = image_size(source)
     if size is not None:
-        check_pixel_count(path, *size, max_pixels)
-    pixels = _decode(path)
+        check_pixel_count(name, *size, max_pixels)
+    pixels = _decode(source, name)
     if size is None:  # no header PIL could read: check what OpenCV decoded
-        check_pixel_count(path, pixels.shape[1], pixels.shape[0], max_pixels)
+        check_pixel_count(name, pixels.shape[1], pixels.shape[0], max_pixels)
     if pixels.ndim == 3 and pixels.shape[2] >= 3:
         order = [2, 1, 0, 3] if pixels.shape[2] == 4 else [2, 1, 0]
         pixels = pixels[:, :, order]  # OpenCV decodes to BGR(A)
