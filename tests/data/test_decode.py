@@ -19,7 +19,13 @@ import pytest
 from helpers import write_png
 from PIL import Image
 
-from vittune.data.decode import check_image, image_size, read_image, scale_intensity
+from vittune.data.decode import (
+    check_image,
+    image_size,
+    read_image,
+    read_image_bytes,
+    scale_intensity,
+)
 from vittune.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -259,9 +265,6 @@ def test_files_pil_cannot_parse_are_decoded_to_check_them(tmp_path: Path) -> Non
 
 def test_read_image_bytes_equals_read_image_and_checks_the_header(tmp_path):
     """Shards and object storage hand over bytes: same pixels, same limits, same errors."""
-    from vittune.data.decode import read_image, read_image_bytes
-    from vittune.errors import DataError
-
     rng = np.random.default_rng(0)
     png = tmp_path / "a.png"
     cv2.imwrite(str(png), rng.integers(0, 65535, (20, 30, 3), dtype=np.uint16))
