@@ -125,6 +125,31 @@ def inspect(
     guarded(action)
 
 
+@app.command("prepare-data")
+def prepare_data(
+    recipe: RecipeArg,
+    out: Annotated[str, typer.Argument(help="A new (or empty) folder for the shards.")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--override", help="A dotted override; repeatable.")
+    ] = None,
+) -> None:
+    """Write the recipe's images, split as training splits them, as litdata shards."""
+
+    def action() -> None:
+        from vittune.prepare_data import prepare_data as write_shards
+        from vittune.recipe.load import load_recipe
+
+        loaded = load_recipe(recipe, overrides or [], command=None)
+        typer.echo(f"vittune prepare-data: {recipe} -> {out}")
+        metadata = write_shards(loaded, out, log=typer.echo)
+        typer.echo(
+            f"vittune prepare-data: done. {len(metadata['classes'])} classes, images per split"
+            f" {metadata['splits']}; train with data.format=litdata data.root={out}"
+        )
+
+    guarded(action)
+
+
 RunArg = Annotated[str, typer.Argument(help="A run folder (runs/<name>) of finetune or distill.")]
 WeightsOpt = Annotated[
     str, typer.Option(help="best (the exported model.safetensors), last (last.ckpt), or a file")

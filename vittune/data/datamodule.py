@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from vittune.data.builtin import BUILTIN
 from vittune.data.datasets import (
@@ -34,6 +34,8 @@ from vittune.recipe.schema import AugmentConfig, DataConfig
 def scan_readable(cfg: DataConfig) -> SplitSamples:
     """The configured source's samples as it splits them (folders or a CSV's split column),
     with unreadable files left out; no validation split is made up here."""
+    if cfg.format == "litdata":  # shards of `vittune prepare-data`, split when written
+        return scan_sources(cfg)
     if cfg.builtin:
         found = scan_folder(BUILTIN[cfg.builtin](), labelled=cfg.labelled)
     elif cfg.csv:
@@ -46,6 +48,10 @@ def scan_readable(cfg: DataConfig) -> SplitSamples:
 def scan_sources(cfg: DataConfig) -> SplitSamples:
     """Find samples from the one configured source, leave out unreadable files, then make sure
     a validation split exists (so the split is that of the same data without those files)."""
+    if cfg.format == "litdata":
+        from vittune.data.streaming import read_prepared  # noqa: PLC0415 (needs litdata)
+
+        return read_prepared(cfg)
     found = scan_readable(cfg)
     if "val" not in found.splits:
         train, val = stratified_split(found.splits["train"], cfg.val_fraction, cfg.split_seed)
@@ -116,11 +122,15 @@ class ImageDataModule(L.LightningDataModule):
         counts = Counter(label for s in self.found.splits["train"] for label in s.labels)
         return torch.tensor([counts.get(i, 0) for i in range(len(self.classes))], dtype=torch.float)
 
-    def dataset(self, split: str, train: bool = False) -> ImageDataset:
+    def dataset(self, split: str, train: bool = False) -> Dataset:
         if split not in self.found.splits:
             raise DataError(
                 f"the data has no {split!r} split; add a {split}/ folder or CSV rows with split={split}"
             )
+        if self.cfg.format == "litdata":
+            from vittune.data.streaming import shard_dataset  # noqa: PLC0415 (needs litdata)
+
+            return shard_dataset(self, split, train)
         return ImageDataset(
             self.found.splits[split],
             num_classes=len(self.classes),
@@ -141,6 +151,17 @@ class ImageDataModule(L.LightningDataModule):
         if workers == 0:  # augmentation runs in this process: seed it from the seeded torch RNG
             draw = int(torch.randint(0, 2**62, ()).item())
             seed_augmentation(dataset.transform, np.random.SeedSequence([draw, rank]))
+        if train and self.cfg.format == "litdata":  # litdata shuffles and shares out the chunks
+            from vittune.data.streaming import stream_loader  # noqa: PLC0415
+
+            return stream_loader(
+                dataset,
+                batch,
+                workers,
+                pin_memory=torch.cuda.is_available(),
+                worker_init_fn=partial(seed_worker, rank=rank),
+                collate_fn=SkipCorrupt(even=self.even_batches),
+            )
         # Evaluation under DDP: each process gets every world_size-th image and none twice.
         # Lightning would add a DistributedSampler, which pads the last shard with repeated
         # images that torchmetrics then counts; it keeps a DistributedSampler it finds here.

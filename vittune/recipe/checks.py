@@ -47,6 +47,8 @@ def check_data(recipe: Recipe) -> None:
             "set exactly one of data.root, data.csv or data.builtin "
             + (f"(got {', '.join(sources)})" if sources else "(none is set)")
         )
+    if data.format == "litdata":
+        check_litdata(recipe)
     if len(set(map(len, filter(None, (data.mean, data.std))))) > 1:
         raise RecipeError(
             "data.mean and data.std must have the same length (one value per channel)"
@@ -55,6 +57,24 @@ def check_data(recipe: Recipe) -> None:
         raise RecipeError(
             f"data.mean has {len(data.mean)} values but model.in_chans is {recipe.model.in_chans};"
             " give one value per channel (or one for all)"
+        )
+
+
+def check_litdata(recipe: Recipe) -> None:
+    """`data.format: litdata` reads the shards of `vittune prepare-data` from data.root (its
+    vittune.json is checked when the data is opened: it may be in object storage)."""
+    data = recipe.data
+    if not data.root:
+        given = "data.csv" if data.csv else "data.builtin"
+        raise RecipeError(
+            f"data.format: litdata reads shards from data.root, not {given}; run"
+            " `vittune prepare-data RECIPE OUT` with data.format: files, then set data.root: OUT"
+            f" and remove {given}"
+        )
+    if data.cache != "none":
+        raise RecipeError(
+            "data.cache does not apply to data.format: litdata (litdata keeps its own chunk"
+            " cache); set data.cache: none"
         )
 
 
