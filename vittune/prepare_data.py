@@ -86,7 +86,7 @@ def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = p
     found = scan_sources(cfg)
     out.mkdir(parents=True, exist_ok=True)
     for split, samples in found.splits.items():
-        entries = [(i, str(s.path), s.labels) for i, s in enumerate(samples)]
+        entries = [(i, str(s.path.absolute()), s.labels) for i, s in enumerate(samples)]
         log(f"  {split}: {len(entries)} images -> {out / split}")
         optimize(
             fn=shard_item,
@@ -106,14 +106,14 @@ def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = p
         writer.writerow(["split", "index", "labels", "path"])
         for split, samples in found.splits.items():
             for i, s in enumerate(samples):
-                writer.writerow([split, i, " ".join(map(str, s.labels)), str(s.path)])
+                writer.writerow([split, i, " ".join(map(str, s.labels)), str(s.path.absolute())])
     metadata = {
         "vittune_litdata": SCHEMA_VERSION,
         "classes": found.classes,
         "multi_label": cfg.multi_label,
         "labelled": cfg.labelled,
         "splits": {split: len(samples) for split, samples in found.splits.items()},
-        "left_out": {str(p): reason for p, reason in found.refused.items()},
+        "left_out": {str(p.absolute()): reason for p, reason in found.refused.items()},
         "source": describe_source(cfg, found),
     }
     (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
