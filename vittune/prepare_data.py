@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = p
         )
     _check_out(out)
     found = scan_sources(cfg)
+    # Folders and CSVs list images class by class, and litdata shuffles chunks, then items
+    # within the chunks a worker holds: written in that order, a batch would be mostly one
+    # class. Training images go in once in a seeded random order (samples.csv records it).
+    random.Random(cfg.split_seed).shuffle(found.splits["train"])
     out.mkdir(parents=True, exist_ok=True)
     for split, samples in found.splits.items():
         entries = [(i, str(s.path.absolute()), s.labels) for i, s in enumerate(samples)]

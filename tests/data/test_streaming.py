@@ -76,9 +76,12 @@ def test_prepared_shards_hold_the_splits_labels_and_classes_of_scan_sources(
     files, streamed, metadata = prepared(tmp_path, source)
     expected, found = scan_sources(files), read_prepared(streamed)
     assert found.classes == expected.classes == metadata["classes"]
-    assert {s: [(p.path, p.labels) for p in v] for s, v in found.splits.items()} == {
-        s: [(p.path, p.labels) for p in v] for s, v in expected.splits.items()
+    assert {s: sorted((p.path, p.labels) for p in v) for s, v in found.splits.items()} == {
+        s: sorted((p.path, p.labels) for p in v) for s, v in expected.splits.items()
     }
+    # Training images are stored in a seeded random order, not class by class.
+    labels = [s.labels[0] for s in found.splits["train"]]
+    assert labels != sorted(labels)
     assert metadata["splits"] == {s: len(v) for s, v in expected.splits.items()}
     assert metadata["multi_label"] == files.multi_label and metadata["labelled"]
     assert found.refused == expected.refused  # the file no split holds is reported, not lost
@@ -94,26 +97,30 @@ def test_streamed_items_decode_and_transform_as_files_do(tmp_path: Path, source:
     from_files, from_shards = ImageDataModule(files, *args), ImageDataModule(streamed, *args)
     for split in from_files.found.splits:
         by_file, by_index = from_files.dataset(split), from_shards.dataset(split)
-        assert len(by_index) == len(by_file)
-        for i, sample in enumerate(by_file.samples):
+        at = {s.path: i for i, s in enumerate(by_file.samples)}  # file dataset index by path
+        assert sorted(at) == sorted(s.path for s in by_index.samples)
+        for i, sample in enumerate(by_index.samples):
             if source == "splits" and sample.path.name == "0001.png" and split == "val":
                 continue  # the broken file: below
             image, target = by_index[i]
-            torch.testing.assert_close(image, by_file[i][0], rtol=0, atol=0)
-            assert torch.equal(target, by_file[i][1])
+            torch.testing.assert_close(image, by_file[at[sample.path]][0], rtol=0, atol=0)
+            assert torch.equal(target, by_file[at[sample.path]][1])
             pixels = ItemDecoder(None, len(from_shards.classes), chans)  # no transform
             raw = by_index._streams[split][by_index.places[i][1]]["image"]
             decoded = pixels(raw, str(sample.path), sample.labels)[0].permute(1, 2, 0)  # [H, W, C]
             np.testing.assert_array_equal(decoded.numpy(), read_image(sample.path, chans))
     # The training stream: every image once per epoch, each as its file gives it.
     stream, by_file = from_shards.dataset("train", train=True), from_files.dataset("train")
+    at = {s.path: i for i, s in enumerate(by_file.samples)}
+    shard_order = from_shards.found.splits["train"]
     decode = stream.transform
     stream.transform = lambda item: (json.loads(item["record"])["index"], decode(item))
     seen = []
     for index, (image, target) in stream:
         seen.append(index)
-        torch.testing.assert_close(image, by_file[index][0], rtol=0, atol=0)
-        assert torch.equal(target, by_file[index][1])
+        expected = by_file[at[shard_order[index].path]]
+        torch.testing.assert_close(image, expected[0], rtol=0, atol=0)
+        assert torch.equal(target, expected[1])
     assert sorted(seen) == list(range(len(by_file)))
 
 
