@@ -235,10 +235,10 @@ class ShardImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        from litdata import StreamingDataset  # noqa: PLC0415
-
         split, position = self.places[index]
         if split not in self._streams:  # opened in the process that reads (a worker)
+            from litdata import StreamingDataset  # noqa: PLC0415
+
             self._streams[split] = StreamingDataset(join(self.root, split))
         item = self._streams[split][position]
         sample, record = self.samples[index], _record(item)
