@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vittune.data.datamodule import scan_sources
 from vittune.data.datasets import SplitSamples
-from vittune.data.streaming import MANIFEST, METADATA, SCHEMA_VERSION
+from vittune.data.streaming import MANIFEST, METADATA, SCHEMA_VERSION, require_litdata
 from vittune.errors import DataError, RecipeError
 from vittune.recipe.schema import DataConfig, Recipe
 
@@ -75,6 +75,7 @@ def _check_out(out: Path) -> None:
 
 def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = print) -> dict:
     """Write `recipe`'s images as litdata shards under `out`; returns what vittune.json holds."""
+    require_litdata()
     from litdata import optimize  # noqa: PLC0415 (litdata is only needed by this command)
 
     cfg, out = recipe.data, Path(out)

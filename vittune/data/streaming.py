@@ -45,6 +45,16 @@ MANIFEST = "samples.csv"
 PREPARE_HINT = "write it with `vittune prepare-data RECIPE OUT` and set data.root: OUT"
 
 
+def require_litdata() -> None:
+    """litdata is optional: say how to get it, in one line, before anything uses it."""
+    try:
+        import litdata  # noqa: F401, PLC0415
+    except ImportError:
+        raise DataError(
+            "data.format: litdata and prepare-data need the litdata package; pip install litdata"
+        ) from None
+
+
 def is_remote(root: str) -> bool:
     return "://" in root
 
@@ -124,6 +134,7 @@ def locations(root: str) -> dict[str, tuple[str, int]]:
 
 def read_prepared(cfg: DataConfig) -> SplitSamples:
     """Classes and samples per split of prepared shards, as `scan_sources` gave them."""
+    require_litdata()
     metadata = read_metadata(cfg.root)
     _check_matches(cfg, metadata)
     splits = {split: list(samples) for split, samples in _manifest(cfg.root).items()}
