@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,9 @@ def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = p
             keep_data_ordered=True,
             reorder_files=False,
             verbose=False,
-            start_method="fork",
+            # spawned workers re-import torch (a minute for a small folder here); fork where the
+            # platform has it (Linux), the platform's default elsewhere
+            start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
         )
     with (out / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
