@@ -10,15 +10,18 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import timm
 import torch
 from conftest import make_class_images
 from helpers import column, read_metrics, tiny, write_recipe
 from safetensors import safe_open
+from torch._dynamo.utils import counters
+from torch.utils.data import DataLoader, TensorDataset
 
 from vittune.assembly import build
 from vittune.models.compiling import eager, is_compiled
 from vittune.recipe.load import load_recipe
-from vittune.recipe.schema import Recipe
+from vittune.recipe.schema import MaeConfig, Recipe
 from vittune.run import fit
 
 # Compiled and eager runs differ only in the order of floating-point operations: inductor fuses
@@ -30,6 +33,7 @@ from vittune.run import fit
 # it differed by 3e-5. Unfrozen weights move by ~2e-3 (two AdamW steps at lr 1e-3).
 LOSS_ATOL = 1e-4
 WEIGHT_ATOL = 1e-4
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 
 
 def recipe_file(tmp_path: Path) -> Path:
@@ -137,3 +141,74 @@ def test_compile_is_for_fit_only(tmp_path: Path) -> None:
     assert is_compiled(mae.autoencoder) and not is_compiled(mae.model)
     mae.on_fit_end()
     assert not is_compiled(mae.autoencoder)
+
+
+class StepLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def step_losses(task: L.LightningModule, steps: int = 3) -> list[float]:
+    """Losses of `steps` training steps, then one validation pass (the eval graph); checks
+    that a compiling task really compiled graphs (not a silent fallback to eager)."""
+    graphs = counters["stats"]["unique_graphs"]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8 * steps, 1, 32, 32, generator=generator)  # [N, 1, 32, 32]
+    targets = torch.randint(0, 3, (8 * steps,), generator=generator)
+    loader = DataLoader(TensorDataset(images, targets), batch_size=8)
+    recorder = StepLosses()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        callbacks=[recorder],
+    )
+    trainer.fit(task, loader, loader)
+    assert (counters["stats"]["unique_graphs"] > graphs) == task.recipe.trainer.compile
+    return recorder.losses
+
+
+def with_compile(recipe: Recipe, compiled: bool) -> Recipe:
+    return recipe.model_copy(
+        update={"trainer": recipe.trainer.model_copy(update={"compile": compiled})}
+    )
+
+
+@pytest.mark.slow
+def test_compiled_mae_and_distillation_follow_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole MAE step (masking included) and the distillation student + frozen teacher."""
+    from test_distillation import CLASSES, frozen, tiny_cnn, tiny_deit  # noqa: PLC0415
+    from test_distillation import recipe as distill_recipe  # noqa: PLC0415
+
+    from vittune.tasks.distillation import DistillationTask  # noqa: PLC0415
+    from vittune.tasks.mae import MaeTask  # noqa: PLC0415
+
+    # Inductor draws random numbers with its own generator unless told to call torch's: the MAE
+    # masks would differ from eager ones (still seeded, just another stream).
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    mae = Recipe(mae=MaeConfig(decoder_depth=1, decoder_dim=32, decoder_heads=2))
+    distill = distill_recipe("soft", tau=2.0)
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        encoder = timm.create_model("vit_tiny_patch16_224", in_chans=1, **TINY)
+        task = MaeTask(with_compile(mae, compiled), encoder)
+        torch.manual_seed(1)
+        losses = step_losses(task)
+        if not compiled:
+            eager_mae = losses
+    assert torch.allclose(torch.tensor(losses), torch.tensor(eager_mae), atol=LOSS_ATOL)
+    for compiled in (False, True):
+        teacher = frozen(tiny_cnn())
+        task = DistillationTask(with_compile(distill, compiled), tiny_deit(), teacher, CLASSES)
+        losses = step_losses(task)
+        if not compiled:
+            eager_distill = losses
+    assert torch.allclose(torch.tensor(losses), torch.tensor(eager_distill), atol=LOSS_ATOL)
