@@ -335,7 +335,7 @@ def measure_config(
                 "compiled": compiled,
                 "wall": wall,
                 "cpu": statistics.median(r["cpu"] for r in runs[i]),
-                "first": statistics.median(r["first"] for r in runs[i]),
+                "first": max(r["first"] for r in runs[i]),  # the cold-cache compile
                 "memory_mib": max(r["memory_mib"] for r in runs[i]),
                 "vs_plain": statistics.median(
                     p / r[clock] for p, r in zip(plain, runs[i], strict=True)
@@ -410,8 +410,8 @@ def main() -> None:
         f"Precision: {precision}. Peak for MFU: {peak_note}. FLOPs: FlopCounterMode, one forward"
         " + backward (matmuls and attention; element-wise work not counted). ms/step: median"
         f" over {args.repeats} repeat(s), each a fresh process, of the mean of the timed steps"
-        " after the warm-up; first step s includes compilation (a cold inductor cache for the"
-        " device-resident row, a warm one for the DataLoader row). MFU and speed vs plain (the"
+        " after the warm-up; first step s (the slowest repeat) includes compilation: a cold inductor"
+        " cache for the first compiled process, a warm one for later ones. MFU and speed vs plain (the"
         " plain loop's time per step / this row's) use"
         f" {'CPU' if time_basis(args.threads) == 'cpu' else 'wall'} time. Peak memory: "
         + (
