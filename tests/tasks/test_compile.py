@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vittune.assembly import build
 from vittune.models.compiling import eager, is_compiled
+from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import MaeConfig, Recipe
 from vittune.run import fit
@@ -120,13 +121,21 @@ def test_compiled_finetune_follows_eager_through_a_resume_and_an_unfreeze(tmp_pa
 def test_compile_is_for_fit_only(tmp_path: Path) -> None:
     """Compiled in place at fit start (names kept), eager again at fit end and everywhere else."""
     path = recipe_file(tmp_path)
-    recipe = load(path, "trainer.compile=true")
+    recipe = load(path, "trainer.compile=true", "optim.layer_decay=0.75")
     task = build(recipe, "finetune").task
-    names = [n for n, _ in task.named_parameters()]
+
+    def groups() -> list[tuple[str, float, list[int]]]:
+        built = build_param_groups(task.optimised_module(), recipe.optim, 1e-3)
+        return [(g["name"], g["lr"], [id(p) for p in g["params"]]) for g in built]
+
+    names, before = [n for n, _ in task.named_parameters()], groups()
     assert not is_compiled(task.model)  # evaluate / predict / export build the same way
     task.on_fit_start()
     assert is_compiled(task.model)
+    # the optimiser sees the same parameters, names and layer-decay lrs
     assert [n for n, _ in task.named_parameters()] == names
+    assert groups() == before
+    assert list(task.state_dict()) == [f"model.{k}" for k in task.model.state_dict()]
     with eager(task.model):
         assert not is_compiled(task.model)
     assert is_compiled(task.model)
