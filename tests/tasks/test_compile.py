@@ -118,7 +118,7 @@ def test_compiled_finetune_follows_eager_through_a_resume_and_an_unfreeze(tmp_pa
         assert torch.allclose(states[1][key], states[0][key], atol=WEIGHT_ATOL), key  # ...alike
 
 
-def test_compile_is_for_fit_only(tmp_path: Path) -> None:
+def test_compile_is_for_fit_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled in place at fit start (names kept), eager again at fit end and everywhere else."""
     path = recipe_file(tmp_path)
     recipe = load(path, "trainer.compile=true", "optim.layer_decay=0.75")
@@ -130,8 +130,10 @@ def test_compile_is_for_fit_only(tmp_path: Path) -> None:
 
     names, before = [n for n, _ in task.named_parameters()], groups()
     assert not is_compiled(task.model)  # evaluate / predict / export build the same way
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     task.on_fit_start()
     assert is_compiled(task.model)
+    assert torch._dynamo.config.recompile_limit == 4  # train + eval graphs, + a ragged batch
     # the optimiser sees the same parameters, names and layer-decay lrs
     assert [n for n, _ in task.named_parameters()] == names
     assert groups() == before

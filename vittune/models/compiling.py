@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch._dynamo
 from torch import nn
 
 # Where `nn.Module.compile()` keeps the compiled call (torch >= 2.2); `__call__` uses it when set.
@@ -24,6 +25,17 @@ _COMPILED_CALL = "_compiled_call_impl"
 def compile_in_place(module: nn.Module, **options: object) -> None:
     """Compile `module`'s `__call__` in place (`torch.compile` options, e.g. `mode`)."""
     module.compile(**options)
+
+
+def allow_recompiles(graphs: int) -> None:
+    """Let dynamo keep at least `graphs` graphs per function before it falls back to eager.
+
+    Past `recompile_limit` (8) dynamo stops compiling that function and runs it eagerly, with
+    one warning: a run would silently lose its compiled speed halfway through. The limit is
+    process-wide, so it is only ever raised here.
+    """
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs)
 
 
 def is_compiled(module: nn.Module) -> bool:
