@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from vittune.attention import attention_maps
 from vittune.attention_report import display_image, save_attention_figure
+from vittune.models.compiling import eager
 from vittune.models.freezing import frozen_parameter_names
 from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.schema import FreezeConfig, OptimConfig
@@ -120,7 +121,9 @@ class AttentionMaps(Callback):
             return
         if not trainer.is_global_zero:
             return
-        heads, rollout = attention_maps(pl_module.model, self.images.to(pl_module.device))
+        # Eager: the capture hooks and the unfused attention path would each recompile.
+        with eager(pl_module.model) as model:
+            heads, rollout = attention_maps(model, self.images.to(pl_module.device))
         folder = self.run_dir / "attention" / f"epoch_{epoch:03d}"
         for k in range(len(self.images)):
             path = save_attention_figure(

@@ -14,6 +14,7 @@ import lightning as L
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from vittune.models.compiling import allow_recompiles, compile_in_place, uncompile
 from vittune.optim.param_groups import build_optimizer, build_param_groups
 from vittune.optim.schedules import lr_multiplier
 from vittune.recipe.schema import Recipe
@@ -72,6 +73,30 @@ class VitTask(L.LightningModule):
     def optimised_module(self) -> nn.Module:
         """The module whose parameters are grouped (the backbone; MAE adds its decoder)."""
         return self.model
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """What `trainer.compile` compiles in place (the backbone; MAE and distillation differ)."""
+        return [self.model]
+
+    def on_fit_start(self) -> None:
+        """`trainer.compile`: compile for training only, in place (no `_orig_mod.` key prefix).
+
+        Here rather than in the assembly, so that evaluate, predict, export and the attention
+        command, which build the same task but run each image once, never pay a compilation.
+        Compilation itself happens at the first call (docs/compile.md).
+        """
+        if not self.recipe.trainer.compile:
+            return
+        # A training and a validation graph, each once more for a ragged last batch, and both
+        # again at every unfreeze (dynamo guards on requires_grad).
+        allow_recompiles(4 + 2 * len(self.recipe.freeze.unfreeze_schedule))
+        for module in self.compiled_modules():
+            compile_in_place(module)
+
+    def on_fit_end(self) -> None:
+        # The test split after fit and the export run eagerly: one pass is not worth a compile.
+        for module in self.compiled_modules():
+            uncompile(module)
 
     def configure_optimizers(self) -> dict[str, Any]:
         recipe = self.recipe

@@ -71,7 +71,15 @@ class DistillationTask(ClassificationTask):
         cls_logits, dist_logits = split_heads(self.model, images)
         return (cls_logits + dist_logits) / 2
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """The student, and the teacher when there is one: it is frozen, always in eval mode
+        and without gradients, so it compiles to a single inference graph that is reused every
+        step, and its forward is often the larger model (docs/compile.md)."""
+        with_teacher = self.kind != "none" and self.teacher is not None
+        return [self.model, self.teacher] if with_teacher else [self.model]
+
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if getattr(self.teacher, "description", ""):
             self.print(
                 f"  teacher: {self.teacher.description}; distillation {self.kind}, alpha {self.alpha}, tau {self.tau}"

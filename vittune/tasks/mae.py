@@ -79,6 +79,11 @@ class MaeTask(VitTask):
     def optimised_module(self) -> nn.Module:
         return self.autoencoder
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """The whole MAE step (masking, encoder, decoder, loss) as one graph: the view owns no
+        parameters and is outside the state_dict, so compiling it changes no key."""
+        return [self.autoencoder]
+
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaeOutput:
         return self.autoencoder(images, generator=generator)
 
