@@ -31,9 +31,24 @@ class GradualUnfreeze(Callback):
         self.freeze = freeze
         self.optim = optim
         self.late_params: list[torch.nn.Parameter] = []
+        self.resumed_epoch: int | None = None  # set by a resume: the checkpoint's epoch
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed run builds its optimiser frozen as at epoch 0; replay, in order, the
+        unfreezes the checkpointed run had made, so the groups (and the order of parameters in
+        them) are those its optimiser state was saved with. Lightning loads that state after
+        this hook; an epoch whose start is replayed here finds nothing new to add when it
+        starts again."""
+        if self.resumed_epoch is None:
+            return
+        for epoch in sorted(self.freeze.unfreeze_schedule):
+            if epoch <= self.resumed_epoch:
+                self.unfreeze(trainer, pl_module, epoch)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        self.unfreeze(trainer, pl_module, trainer.current_epoch)
+
+    def unfreeze(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         if epoch not in self.freeze.unfreeze_schedule:
             return
         model = pl_module.optimised_module()

@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vittune.assembly import build
+from vittune.callbacks import GradualUnfreeze
 from vittune.checkpointing import (
     PreemptionGuard,
     carry_best,
@@ -112,6 +113,9 @@ def _fit_into(
     extra = [*assembly.callbacks, guard]
     if resume is not None:
         check_model_fits(resume, assembly.task)
+        for callback in assembly.callbacks:
+            if isinstance(callback, GradualUnfreeze):
+                callback.resumed_epoch = resume.epoch
         extra.append(OptimizerCheck(resume))
         if folder.owner:
             carry_best(resume, run_dir / "checkpoints")
