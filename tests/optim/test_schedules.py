@@ -8,11 +8,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 from conftest import TINY_VIT, make_class_images
-from helpers import expected_lr
+from helpers import expected_lr, read_metrics, tiny, write_recipe
 
 from vittune.assembly import build
 from vittune.optim.schedules import lr_multiplier
+from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import Recipe
+from vittune.run import fit
 from vittune.trainer import build_trainer
 
 
@@ -105,3 +107,34 @@ def test_warmup_epochs_stay_real_epochs_when_max_steps_caps_training(tmp_path: P
     assert len(lrs) == 7
     for step, group_lrs in enumerate(lrs):
         assert group_lrs[0] == pytest.approx(expected_lr(step, 7, 5, 0.01))
+
+
+def test_a_finished_run_resumed_with_more_epochs_continues_on_the_stretched_schedule(
+    tmp_path: Path,
+) -> None:
+    """`trainer.max_epochs` may grow on resume: every resumed step, the first included, takes
+    the new schedule's lr (the optimiser was saved with the old schedule's final lr, 0)."""
+    make_class_images(tmp_path / "data", {"a": 12, "b": 12}, size=32)
+    recipe_path = write_recipe(
+        tmp_path / "r.yaml", {"data": {"root": str(tmp_path / "data"), "val_fraction": 0.25}}
+    )
+    lr = 1e-3
+
+    def train(*overrides: str) -> Path:
+        base = tiny("data.batch_size=4", "trainer.log_every_n_steps=1", f"optim.lr={lr}")
+        recipe = load_recipe(
+            recipe_path,
+            [*base, f"logging.run_dir={tmp_path / 'runs'}", "logging.name=run", *overrides],
+            command="finetune",
+        )
+        return fit(recipe, "finetune", tmp_path, log=lambda _: None).run_dir
+
+    train("trainer.max_epochs=2")
+    run_dir = train("trainer.max_epochs=4", "trainer.resume_from=auto")
+    logged = {int(r["step"]): float(r["lr/decay"]) for r in read_metrics(run_dir) if r["lr/decay"]}
+    steps_per_epoch = 18 // 4  # 18 training images, the partial batch dropped
+    total = 4 * steps_per_epoch
+    resumed = range(2 * steps_per_epoch, total)
+    assert logged[2 * steps_per_epoch - 1] < lr * 0.05  # the first run did end its cosine
+    for step in resumed:
+        assert logged[step] == pytest.approx(expected_lr(step, total, 0, lr, 0.0)), step

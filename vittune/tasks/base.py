@@ -93,6 +93,20 @@ class VitTask(L.LightningModule):
         for module in self.compiled_modules():
             compile_in_place(module)
 
+    def on_train_start(self) -> None:
+        """Set each group's lr from the schedule where the run stands. A resume restores the
+        optimiser's lr as saved, which the first step would use: 0 at the end of a finished
+        cosine run that `trainer.max_epochs` now stretches (the schedule itself is rebuilt
+        for the new length); for any other resume this writes the value already there."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, LambdaLR):
+                groups = scheduler.optimizer.param_groups
+                for group, base, factor in zip(
+                    groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+                ):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
     def on_fit_end(self) -> None:
         # The test split after fit and the export run eagerly: one pass is not worth a compile.
         for module in self.compiled_modules():
