@@ -18,6 +18,7 @@ from typing import Any
 
 import albumentations as A
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 from timm.layers import to_2tuple
 
@@ -57,6 +58,23 @@ class InImageRange(A.Sequential):
 _GEOMETRIC = (A.Resize, A.RandomResizedCrop, A.HorizontalFlip, A.Affine)
 
 
+def normalise_to_tensor(pixels: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """(pixels - mean) * scale per channel, [H, W(, C)] float32 -> contiguous [C, H, W].
+
+    What `A.Normalize(max_pixel_value=1)` + `ToTensorV2` compute, in one pass per channel
+    written straight into channel-first order (albumentations' Normalize of a 3-channel
+    float image costs about as much as decoding a JPEG).
+    """
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    height, width, channels = pixels.shape
+    out = np.empty((channels, height, width), np.float32)  # [C, H, W]
+    for c in range(channels):
+        k = c if len(mean) > 1 else 0
+        np.subtract(pixels[:, :, c], mean[k], out=out[c])
+        out[c] *= scale[k]
+    return torch.from_numpy(out)
+
+
 class IntegerFirst:
     """A preset split in two: its leading geometric steps, then the rest on float32.
 
@@ -69,9 +87,17 @@ class IntegerFirst:
     resampled integers (one level), which the tests pin.
     """
 
-    def __init__(self, geometric: list[A.BasicTransform], rest: list[A.BasicTransform]) -> None:
+    def __init__(
+        self,
+        geometric: list[A.BasicTransform],
+        rest: list[A.BasicTransform],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
         self.geometric = A.Compose(geometric)
-        self.rest = A.Compose(rest)
+        self.rest = A.Compose(rest)  # float steps; then normalise_to_tensor
+        self.mean = np.asarray(mean, np.float32)
+        self.scale = np.reciprocal(np.asarray(std, np.float32))  # as A.Normalize
         # Affine fills the borders it uncovers with raw 0, which only means 0.0 after scaling
         # when the range starts at 0; other images take the float path.
         self._fills = any(isinstance(t, A.Affine) for t in geometric)
@@ -86,7 +112,9 @@ class IntegerFirst:
     def _rest(self, image: np.ndarray) -> dict[str, Any]:
         # A Compose draws once to decide whether it runs (p=1: always); the second part is
         # forced instead, so the pair draws exactly what one Compose of all steps would.
-        return self.rest(image=image, force_apply=True)
+        if self.rest.transforms:
+            image = self.rest(image=image, force_apply=True)["image"]
+        return {"image": normalise_to_tensor(image, self.mean, self.scale)}
 
     def from_raw(self, raw: np.ndarray, in_chans: int, intensity: str = "dtype") -> dict[str, Any]:
         """Transform decoded pixels (`read_raw`: [H, W] or [H, W, C], any integer type)."""
@@ -207,12 +235,12 @@ def build_train_transform(
     """A preset as an `IntegerFirst` (it can start on the decoded integers); an explicit
     `augment.transforms` list as one float-only pipeline, since its steps may be anything."""
     height, width = tuple(to_2tuple(img_size))
-    finish = [A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()]
     if cfg.transforms is not None:
+        finish = [A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()]
         return A.Compose([*_explicit(cfg.transforms, height, width), *finish])
     ops = _preset(cfg.preset, height, width)
     split = next((i for i, op in enumerate(ops) if not isinstance(op, _GEOMETRIC)), len(ops))
-    return IntegerFirst(ops[:split], [*ops[split:], *finish])
+    return IntegerFirst(ops[:split], ops[split:], mean, std)
 
 
 def build_eval_transform(
