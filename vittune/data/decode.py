@@ -150,21 +150,30 @@ def _simplejpeg(data: bytes) -> np.ndarray | None:
     return pixels[:, :, 0] if colour == "Gray" else pixels
 
 
-def _decode(source: str | Path | bytes, name: str | Path) -> np.ndarray:
-    """The pixels as stored, colour in RGB(A) order."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+def _decode(source: str | Path | bytes, name: str | Path, data: bytes | None = None) -> np.ndarray:
+    """The pixels as stored, colour in RGB(A) order; `data`: the file's bytes, if read."""
+    in_memory = isinstance(source, bytes)
+    data = source if in_memory else data if data is not None else Path(source).read_bytes()
     pixels = _simplejpeg(data)
     if pixels is not None:
         return pixels
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # imread, not imdecode, for files: the two judge a truncated JPEG differently (imread
+    # keeps what libjpeg recovered), and files have always been read with imread.
+    pixels = (
+        cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if in_memory
+        else cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+    )
     if pixels is None or pixels.size == 0:
         raise DataError(
             f"cannot decode image {name}: the file is corrupt or not an image; replace or remove it"
         )
-    if pixels.ndim == 3 and pixels.shape[2] >= 3:
-        pixels = cv2.cvtColor(
-            pixels, cv2.COLOR_BGRA2RGBA if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB
-        )
+    if pixels.ndim == 3 and pixels.shape[2] >= 3:  # OpenCV decodes to BGR(A)
+        four = pixels.shape[2] == 4
+        if pixels.dtype in (np.uint8, np.uint16, np.float32):  # the types cvtColor takes
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA if four else cv2.COLOR_BGR2RGB)
+        else:
+            pixels = np.ascontiguousarray(pixels[:, :, [2, 1, 0, 3] if four else [2, 1, 0]])
     return pixels
 
 
@@ -193,13 +202,14 @@ def read_raw(
     inflates to gigabytes is refused without allocating them. `name` labels errors (the path
     by default).
     """
-    name = name if name is not None else ("<bytes>" if isinstance(source, bytes) else source)
-    data = bytes(source) if isinstance(source, bytes | bytearray | memoryview) else None
-    data = data if data is not None else Path(source).read_bytes()
+    in_memory = isinstance(source, bytes | bytearray | memoryview)
+    name = name if name is not None else ("<bytes>" if in_memory else source)
+    source = bytes(source) if in_memory else source
+    data = source if in_memory else Path(source).read_bytes()
     size = image_size(data)
     if size is not None:
         check_pixel_count(name, *size, max_pixels)
-    pixels = _decode(data, name)
+    pixels = _decode(source, name, data)
     if size is None:  # no header PIL could read: check what OpenCV decoded
         check_pixel_count(name, pixels.shape[1], pixels.shape[0], max_pixels)
     return pixels
