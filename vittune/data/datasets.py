@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from vittune.data.cache import DecodedCache
 from vittune.data.decode import IMAGE_SUFFIXES, check_image, read_raw, to_float
 from vittune.errors import DataError
 from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
@@ -250,6 +251,7 @@ class ImageDataset(Dataset):
         on_corrupt: str = "skip",
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         corrupt_log: CorruptLog | None = None,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.samples = samples
         self.num_classes = num_classes
@@ -260,6 +262,7 @@ class ImageDataset(Dataset):
         self.on_corrupt = on_corrupt
         self.max_pixels = max_pixels
         self.corrupt_log = corrupt_log
+        self.cache = cache  # the samples' decoded pixels, in the same order (data.cache)
         self._warned: set[Path] = set()  # per process: one warning per file, not per epoch
 
     def __len__(self) -> int:
@@ -274,6 +277,8 @@ class ImageDataset(Dataset):
 
     def load_raw(self, index: int) -> np.ndarray:
         """The decoded pixels as stored (`read_raw`): integers for integer files."""
+        if self.cache is not None:
+            return self.cache.get(index)
         return read_raw(self.samples[index].path, max_pixels=self.max_pixels)
 
     def load(self, index: int) -> np.ndarray:

@@ -101,6 +101,15 @@ def image_size(source: str | Path | bytes) -> tuple[int, int] | None:
     """(width, height) as the header of a file (or of its bytes) declares it, read without
     decoding a pixel.
 
+    None when PIL cannot parse the header (see `image_header`).
+    """
+    header = image_header(source)
+    return None if header is None else header[0]
+
+
+def image_header(source: str | Path | bytes) -> tuple[tuple[int, int], str] | None:
+    """((width, height), PIL mode) as the header of a file (or of its bytes) declares them.
+
     None when PIL cannot parse the header: not an image, a truncated header, or one of the
     few formats OpenCV decodes and PIL does not (float RGB and float64 TIFFs).
     """
@@ -118,7 +127,8 @@ def image_size(source: str | Path | bytes) -> tuple[int, int] | None:
                 continue
             handle.seek(0)
             try:
-                return factory(handle, name).size
+                image = factory(handle, name)
+                return image.size, image.mode
             except (SyntaxError, OSError, ValueError, IndexError, TypeError, struct.error):
                 continue  # not this format (or a broken header): try the next reader
     return None
