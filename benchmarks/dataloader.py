@@ -19,9 +19,11 @@ Files: JPEGs of 256-500 px a side (smooth shapes, edges and noise, quality 90, R
 persistent workers, one untimed pass, then `--passes` timed ones; pipelines alternate within
 each repeat and the table shows medians. CPU time is that of the main process plus every
 worker (read from /proc), so `images per CPU-s` is the per-core rate, the number that other
-jobs on a shared machine disturb least; wall-clock images/s is shown beside it.
+jobs on a shared machine disturb least; wall-clock images/s is shown beside it. Workers 0 runs
+everything in this process: decode + augment + collate without the cost of sending float32
+batches from worker processes through shared memory, which is the same for both sides.
 
-    python benchmarks/dataloader.py                         # workers 1 2 (a 2-core machine)
+    python benchmarks/dataloader.py                         # workers 0 1 2 (a 2-core machine)
     python benchmarks/dataloader.py --workers 1 2 4 8 16    # a bigger machine
     python benchmarks/dataloader.py --write                 # ... and update RESULTS.md
 """
@@ -150,11 +152,15 @@ def cpu_seconds(pids: list[int]) -> float:
 def measure(data: Dataset, workers: int, passes: int) -> tuple[float, float]:
     """(images per wall second, images per CPU second) over `passes` epochs after a warm one."""
     loader = DataLoader(
-        data, batch_size=BATCH, num_workers=workers, persistent_workers=True, prefetch_factor=4
+        data,
+        batch_size=BATCH,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
     )
     for _ in loader:  # start the workers, warm the page cache and the libraries
         pass
-    pids = [w.pid for w in loader._iterator._workers]  # noqa: SLF001 (CPU time from /proc)
+    pids = [w.pid for w in loader._iterator._workers] if workers else []  # noqa: SLF001
     wall, cpu = time.perf_counter(), cpu_seconds(pids)
     images = 0
     for _ in range(passes):
@@ -180,7 +186,8 @@ def table(results: dict, workers: list[int]) -> str:
                 base = statistics.median(r[1] for r in results[kind, "torchvision", count])
                 ratio = "" if pipeline == "torchvision" else f"{cpu / base:.2f}x"
                 lines.append(
-                    f"| {kind} | {pipeline} | {count} | {wall:.0f} | {wall / min(count, cores):.0f}"
+                    f"| {kind} | {pipeline} | {count or '0 (in-process)'} | {wall:.0f}"
+                    f" | {wall / max(1, min(count, cores)):.0f}"
                     f" | {cpu:.0f} | {ratio} |"
                 )
     return "\n".join(lines)
@@ -188,7 +195,7 @@ def table(results: dict, workers: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, os.cpu_count() or 1])
     parser.add_argument("--images", type=int, default=256, help="files of each kind")
     parser.add_argument("--passes", type=int, default=2, help="timed epochs per measurement")
     parser.add_argument("--repeats", type=int, default=3)

@@ -212,3 +212,12 @@ def test_normalise_to_tensor_is_albumentations_normalize_and_to_tensor() -> None
     ours = normalise_to_tensor(image, np.asarray(mean, np.float32), 1 / np.asarray(std, np.float32))
     torch.testing.assert_close(ours, reference(image=image)["image"], rtol=1e-6, atol=1e-6)
     assert ours.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.float32, np.float64])
+def test_types_opencv_cannot_resample_take_the_float_path(dtype: type) -> None:
+    raw = (RNG.random((30, 26)) * 1000).astype(dtype)
+    integer, floating = _twin_pipelines("light", 1)
+    torch.testing.assert_close(
+        integer.from_raw(raw, 1)["image"], floating(image=to_float(raw, 1))["image"]
+    )

@@ -56,6 +56,8 @@ class InImageRange(A.Sequential):
 # Steps that only move pixels (and interpolate them linearly): they commute with the affine
 # intensity scaling, up to one rounding of the integer result, so they may run on integers.
 _GEOMETRIC = (A.Resize, A.RandomResizedCrop, A.HorizontalFlip, A.Affine)
+# The integer types OpenCV resamples (32-bit and 8-bit signed ones go the float path).
+_INTEGER_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16))
 
 
 def normalise_to_tensor(pixels: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> torch.Tensor:
@@ -118,8 +120,8 @@ class IntegerFirst:
 
     def from_raw(self, raw: np.ndarray, in_chans: int, intensity: str = "dtype") -> dict[str, Any]:
         """Transform decoded pixels (`read_raw`: [H, W] or [H, W, C], any integer type)."""
-        span = intensity_range(raw, intensity)
-        if span is None or (self._fills and span[0] != 0.0):  # float images, see _fills
+        span = intensity_range(raw, intensity) if raw.dtype in _INTEGER_TYPES else None
+        if span is None or (self._fills and span[0] != 0.0):  # float path; see _fills
             pixels = match_channels(scale_intensity(raw, intensity), in_chans)
             return self(image=np.ascontiguousarray(pixels, dtype=np.float32))
         if raw.ndim == 3 and raw.shape[2] == 4 and in_chans != 4:
