@@ -277,6 +277,9 @@ def build_disk_cache(
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{key}-", suffix=".partial", dir=cache_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # as any written file (mkstemp makes it private)
     try:
         with os.fdopen(handle, "wb") as out:
 
