@@ -127,8 +127,28 @@ class IntegerFirst:
         if raw.ndim == 3 and raw.shape[2] == 4 and in_chans != 4:
             raw = raw[:, :, :3]  # drop alpha before resampling it
         raw = self.geometric(image=np.ascontiguousarray(raw))["image"]  # [h, w(, C)], integers
+        channels = 1 if raw.ndim == 2 else raw.shape[2]
+        if not self.rest.transforms and channels in (1, in_chans):  # nothing between: fuse
+            return {"image": self._scale_and_normalise(raw, span, in_chans)}
         pixels = match_channels(scale_to_range(raw, *span), in_chans)
         return self._rest(np.ascontiguousarray(pixels, dtype=np.float32))
+
+    def _scale_and_normalise(
+        self, raw: np.ndarray, span: tuple[float, float], in_chans: int
+    ) -> torch.Tensor:
+        """`normalise_to_tensor(match_channels(scale_to_range(raw, *span)))` in one multiply
+        and one add per channel: ((raw - low) / (high - low) - mean) * scale = raw * a + b."""
+        low, high = span
+        raw = raw[:, :, None] if raw.ndim == 2 else raw  # [h, w, 1 or in_chans]
+        height, width = raw.shape[:2]
+        out = np.empty((in_chans, height, width), np.float32)  # [C, h, w]
+        for c in range(in_chans):
+            k = c if len(self.mean) > 1 else 0
+            a = self.scale[k] / np.float32(high - low) if high > low else np.float32(0.0)
+            b = -(np.float32(low) * a) - self.mean[k] * self.scale[k]
+            np.multiply(raw[:, :, c if raw.shape[2] > 1 else 0], a, out=out[c], dtype=np.float32)
+            out[c] += b
+        return torch.from_numpy(out)
 
 
 def seed_augmentation(
