@@ -136,7 +136,10 @@ def test_memory_refuses_what_would_not_fit_and_names_disk(tmp_path: Path) -> Non
 
 def test_spawned_workers_read_the_shared_memory_cache(tmp_path: Path) -> None:
     data = module(folder(tmp_path / "d"), "memory", tmp_path)
+    assert data.dataset("val").cache is None  # evaluate/export read once: no fill pass
+    data.cache("val")
     dataset = data.dataset("val")  # evaluation transform: no randomness
+    assert dataset.cache is not None and dataset.cache.buffer.is_shared()
     loader = DataLoader(dataset, batch_size=4, num_workers=1, multiprocessing_context="spawn",
                         collate_fn=SkipCorrupt())  # fmt: skip
     ((images, _),) = list(loader)

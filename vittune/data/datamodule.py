@@ -173,12 +173,15 @@ class ImageDataModule(L.LightningDataModule):
             on_corrupt=self.cfg.on_corrupt,
             max_pixels=self.cfg.max_image_pixels,
             corrupt_log=self.corrupt_log,
-            cache=self.cache(split),
+            # Only a cache the loaders (or setup) filled: evaluate and export read a few
+            # or all images once, and a fill pass first would only add work.
+            cache=self._caches.get(split),
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch = self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size)
         workers = self.cfg.num_workers
+        self.cache(split)  # filled here unless setup did (a loader made outside a Trainer)
         dataset = self.dataset(split, train=train)
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if workers == 0:  # augmentation runs in this process: seed it from the seeded torch RNG
