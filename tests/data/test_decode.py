@@ -24,7 +24,9 @@ from vittune.data.decode import (
     image_size,
     read_image,
     read_image_bytes,
+    read_raw,
     scale_intensity,
+    to_float,
 )
 from vittune.errors import DataError
 
@@ -275,3 +277,51 @@ def test_read_image_bytes_equals_read_image_and_checks_the_header(tmp_path):
         read_image_bytes(png.read_bytes(), "a.png", 3, max_pixels=100)
     with pytest.raises(DataError, match="cannot decode image broken.jpg"):
         read_image_bytes(b"\xff\xd8 not really a jpeg", "broken.jpg", 3)
+
+
+def _photo(height: int = 48, width: int = 40) -> np.ndarray:
+    rows, cols = np.mgrid[0:height, 0:width]
+    smooth = 128 + 60 * np.sin(rows / 5.0) * np.cos(cols / 7.0)
+    noisy = smooth[:, :, None] + RNG.normal(0, 12, (height, width, 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_the_jpeg_decoder_gives_opencvs_pixels_and_pils_within_two_levels(
+    tmp_path: Path, progressive: bool
+) -> None:
+    colour, path, grey_path = _photo(), tmp_path / "c.jpg", tmp_path / "g.jpg"
+    Image.fromarray(colour).save(path, quality=90, progressive=progressive)
+    Image.fromarray(colour[:, :, 0]).save(grey_path, quality=90, progressive=progressive)
+    raw, grey = read_raw(path), read_raw(grey_path)
+    assert raw.dtype == np.uint8 and raw.shape == (48, 40, 3) and grey.shape == (48, 40)
+    # Both use libjpeg-turbo's default (islow) inverse DCT and smooth upsampling: the same
+    # pixels; PIL's build may differ by a rounding or two.
+    opencv = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+    assert np.abs(raw.astype(int) - opencv).max() <= 1
+    np.testing.assert_array_equal(grey, cv2.imread(str(grey_path), cv2.IMREAD_UNCHANGED))
+    assert np.abs(raw.astype(int) - np.asarray(Image.open(path))).max() <= 2
+
+
+def test_jpegs_the_fast_decoder_refuses_are_judged_by_opencv(tmp_path: Path) -> None:
+    Image.fromarray(_photo()).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    opencv = cv2.imread(str(tmp_path / "cmyk.jpg"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(read_raw(tmp_path / "cmyk.jpg"), opencv[:, :, ::-1])
+    cut = tmp_path / "cut.jpg"
+    Image.fromarray(_photo()).save(cut, quality=90)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # premature end of the pixel data
+    opencv = cv2.imread(str(cut), cv2.IMREAD_UNCHANGED)
+    if opencv is None:
+        with pytest.raises(DataError, match="corrupt or not an image"):
+            read_raw(cut)
+    else:  # libjpeg-turbo fills the missing part and warns: as before, the file is kept
+        np.testing.assert_array_equal(read_raw(cut), opencv[:, :, ::-1])
+
+
+def test_read_raw_keeps_the_stored_type_and_read_image_is_to_float_of_it(tmp_path: Path) -> None:
+    pixels = RNG.integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    write_png(tmp_path / "c.png", pixels)
+    raw = read_raw(tmp_path / "c.png")
+    np.testing.assert_array_equal(raw, pixels)  # RGB order, every level
+    np.testing.assert_array_equal(read_image(tmp_path / "c.png"), to_float(raw))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
+from albumentations.pytorch import ToTensorV2
 from helpers import write_png
 
-from vittune.data.decode import read_image
+from vittune.data.decode import read_image, to_float
 from vittune.data.transforms import (
     build_eval_transform,
     build_train_transform,
+    normalise_to_tensor,
     seed_augmentation,
 )
 from vittune.errors import RecipeError
@@ -146,3 +149,75 @@ def test_seeded_pipelines_repeat_and_seeds_differ() -> None:
         )
     torch.testing.assert_close(outputs[0][0], outputs[0][1], rtol=0, atol=0)
     assert not torch.equal(outputs[0][0], outputs[1][0])
+
+
+def _twin_pipelines(preset: str, channels: int, seed: int = 3) -> tuple:
+    """Two identically seeded copies of a preset: one fed integers, one fed floats."""
+    twins = []
+    for _ in range(2):
+        pipeline = build_train_transform(
+            AugmentConfig(preset=preset), (24, 20), (0.0,) * channels, (1.0,) * channels
+        )
+        seed_augmentation(pipeline, np.random.SeedSequence(seed))
+        twins.append(pipeline)
+    return tuple(twins)
+
+
+@pytest.mark.parametrize("preset", ["none", "light", "strong", "medical"])
+@pytest.mark.parametrize(
+    ("dtype", "shape", "in_chans", "intensity"),
+    [
+        (np.uint8, (50, 40, 3), 3, "dtype"),
+        (np.uint8, (50, 40, 3), 1, "dtype"),  # luma after the crop
+        (np.uint8, (50, 40, 4), 3, "dtype"),  # alpha dropped
+        (np.uint16, (50, 40), 1, "dtype"),
+        (np.uint16, (50, 40), 3, "minmax"),
+        (np.int16, (50, 40), 1, "dtype"),  # signed: Affine's fill needs the float path
+    ],
+)
+def test_the_integer_path_equals_the_float_path_within_one_level(
+    preset: str, dtype: type, shape: tuple, in_chans: int, intensity: str
+) -> None:
+    info = np.iinfo(dtype)
+    raw = RNG.integers(info.min // 2, info.max // 2, shape, endpoint=True).astype(dtype)
+    raw[0, 0] = info.max // 2 + 7  # outside most crops: minmax must still use the whole image
+    reference = to_float(raw, in_chans, intensity)
+    low, high = float(raw.min()), float(raw.max())
+    level = 1.0 / (high - low if intensity == "minmax" else info.max - info.min)
+    integer, floating = _twin_pipelines(preset, in_chans)
+    for _ in range(6):  # the same draws on both sides, call after call
+        ours = integer.from_raw(raw, in_chans, intensity)["image"]
+        expected = floating(image=reference)["image"]
+        assert ours.shape == expected.shape == (in_chans, 24, 20)
+        # Resampling integers rounds once; strong/medical intensity ops may stretch that by
+        # their contrast factor (at most 1.3 here) and the 3x3 sharpen kernel.
+        factor = 1.0 if preset in ("none", "light") else 8.0
+        torch.testing.assert_close(ours, expected, rtol=0, atol=factor * level + 1e-5)
+
+
+def test_16bit_images_keep_more_than_8_bits_of_levels_after_augmentation() -> None:
+    ramp = np.linspace(20000, 40000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    for preset in ("light", "medical"):
+        pipeline = build_train_transform(AugmentConfig(preset=preset), 32, (0.0,), (1.0,))
+        seed_augmentation(pipeline, np.random.SeedSequence(1))
+        out = pipeline.from_raw(ramp, 1)["image"]
+        assert out.dtype == torch.float32
+        assert len(torch.unique(out)) > 256
+
+
+def test_normalise_to_tensor_is_albumentations_normalize_and_to_tensor() -> None:
+    image = RNG.random((9, 7, 3)).astype(np.float32)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    reference = A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()])
+    ours = normalise_to_tensor(image, np.asarray(mean, np.float32), 1 / np.asarray(std, np.float32))
+    torch.testing.assert_close(ours, reference(image=image)["image"], rtol=1e-6, atol=1e-6)
+    assert ours.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.float32, np.float64])
+def test_types_opencv_cannot_resample_take_the_float_path(dtype: type) -> None:
+    raw = (RNG.random((30, 26)) * 1000).astype(dtype)
+    integer, floating = _twin_pipelines("light", 1)
+    torch.testing.assert_close(
+        integer.from_raw(raw, 1)["image"], floating(image=to_float(raw, 1))["image"]
+    )

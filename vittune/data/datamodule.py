@@ -12,10 +12,17 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from vittune.data.builtin import BUILTIN
+from vittune.data.cache import (
+    DecodedCache,
+    build_disk_cache,
+    build_memory_cache,
+    default_cache_dir,
+)
 from vittune.data.datasets import (
     CorruptLog,
     ImageDataset,
@@ -116,6 +123,41 @@ class ImageDataModule(L.LightningDataModule):
             if self.run_dir is not None
             else Path(tempfile.gettempdir()) / f"vittune-corrupt-{uuid.uuid4().hex}.log"
         )
+        self._caches: dict[str, DecodedCache] = {}  # split -> decoded pixels (data.cache)
+
+    def setup(self, stage: str) -> None:
+        """Fill `data.cache` for the splits `stage` reads, before any loader starts.
+
+        Under DDP a disk cache is written once per node: local rank 0 decodes, the other
+        processes wait at the barrier and then map the finished file. A memory cache is per
+        process (each DDP process holds its own copy).
+        """
+        if self.cfg.cache == "none":
+            return
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        splits = [s for s in wanted.get(stage, ()) if s in self.found.splits]
+        trainer = self.trainer
+        if self.cfg.cache == "disk" and trainer is not None and trainer.world_size > 1:
+            if trainer.local_rank == 0:
+                for split in splits:
+                    self.cache(split)
+            trainer.strategy.barrier("vittune-decoded-cache")
+        for split in splits:
+            self.cache(split)
+
+    def cache(self, split: str) -> DecodedCache | None:
+        """The decoded pixels of `split` (decoded on first use); None for `data.cache: none`."""
+        if self.cfg.cache == "none":
+            return None
+        if split not in self._caches:
+            paths = [sample.path for sample in self.found.splits[split]]
+            limit, workers = self.cfg.max_image_pixels, self.cfg.num_workers
+            if self.cfg.cache == "memory":
+                self._caches[split] = build_memory_cache(paths, limit, workers)
+            else:
+                folder = Path(self.cfg.cache_dir) if self.cfg.cache_dir else default_cache_dir()
+                self._caches[split] = build_disk_cache(paths, limit, folder, workers)
+        return self._caches[split]
 
     def class_counts(self) -> torch.Tensor:
         """Training images per class (for balanced class weights)."""
@@ -141,11 +183,15 @@ class ImageDataModule(L.LightningDataModule):
             on_corrupt=self.cfg.on_corrupt,
             max_pixels=self.cfg.max_image_pixels,
             corrupt_log=self.corrupt_log,
+            # Only a cache the loaders (or setup) filled: evaluate and export read a few
+            # or all images once, and a fill pass first would only add work.
+            cache=self._caches.get(split),
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch = self.cfg.batch_size if train else (self.cfg.eval_batch_size or self.cfg.batch_size)
         workers = self.cfg.num_workers
+        self.cache(split)  # filled here unless setup did (a loader made outside a Trainer)
         dataset = self.dataset(split, train=train)
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if workers == 0:  # augmentation runs in this process: seed it from the seeded torch RNG
@@ -175,10 +221,19 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=train and len(self.found.splits[split]) > batch,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._pin_memory(),
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             worker_init_fn=partial(seed_worker, rank=rank),
             collate_fn=SkipCorrupt(even=train and self.even_batches),
         )
+
+    def _pin_memory(self) -> bool:
+        """`data.pin_memory`, by default on when the batches go to a GPU."""
+        if self.cfg.pin_memory is not None:
+            return self.cfg.pin_memory
+        if self.trainer is not None:
+            return isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return torch.cuda.is_available()
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from vittune.data.decode import IMAGE_SUFFIXES, check_image, read_image
+from vittune.data.cache import DecodedCache
+from vittune.data.decode import IMAGE_SUFFIXES, check_image, read_raw, to_float
 from vittune.errors import DataError
 from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -250,6 +251,7 @@ class ImageDataset(Dataset):
         on_corrupt: str = "skip",
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         corrupt_log: CorruptLog | None = None,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.samples = samples
         self.num_classes = num_classes
@@ -260,6 +262,7 @@ class ImageDataset(Dataset):
         self.on_corrupt = on_corrupt
         self.max_pixels = max_pixels
         self.corrupt_log = corrupt_log
+        self.cache = cache  # the samples' decoded pixels, in the same order (data.cache)
         self._warned: set[Path] = set()  # per process: one warning per file, not per epoch
 
     def __len__(self) -> int:
@@ -272,13 +275,20 @@ class ImageDataset(Dataset):
             return target
         return torch.tensor(sample.labels[0] if sample.labels else -1)
 
+    def load_raw(self, index: int) -> np.ndarray:
+        """The decoded pixels as stored (`read_raw`): integers for integer files."""
+        if self.cache is not None:
+            return self.cache.get(index)
+        return read_raw(self.samples[index].path, max_pixels=self.max_pixels)
+
     def load(self, index: int) -> np.ndarray:
-        return read_image(self.samples[index].path, self.in_chans, self.intensity, self.max_pixels)
+        """float32 [H, W, in_chans] in [0, 1], as `read_image` gives it."""
+        return to_float(self.load_raw(index), self.in_chans, self.intensity)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         sample = self.samples[index]
         try:
-            pixels = self.load(index)
+            raw = self.load_raw(index)
         except DataError as err:
             if self.on_corrupt == "error":
                 raise
@@ -288,11 +298,15 @@ class ImageDataset(Dataset):
                 self._warned.add(sample.path)
                 warnings.warn(f"{err} (left out of its batch)", stacklevel=2)
             return None
-        image = (
-            self.transform(image=pixels)["image"]
-            if self.transform
-            else torch.from_numpy(pixels).permute(2, 0, 1)
-        )
+        if hasattr(self.transform, "from_raw"):  # a preset: geometry on the integers first
+            image = self.transform.from_raw(raw, self.in_chans, self.intensity)["image"]
+        else:
+            pixels = to_float(raw, self.in_chans, self.intensity)
+            image = (
+                self.transform(image=pixels)["image"]
+                if self.transform
+                else torch.from_numpy(pixels).permute(2, 0, 1)
+            )
         return image, self.target(sample)
 
 

@@ -1,7 +1,13 @@
 """Image decoding that keeps the dynamic range of medical images.
 
 OpenCV is used (not PIL) because it reads 16-bit PNG and TIFF, grey and colour,
-without converting them to 8 bits; PIL silently drops 16-bit RGB to 8 bits.
+without converting them to 8 bits; PIL silently drops 16-bit RGB to 8 bits. Baseline and
+progressive JPEGs (grey or colour) go to simplejpeg when it is installed: the same
+libjpeg-turbo, the same pixels, with less overhead per call (docs/performance.md).
+
+Two steps, so that training can work on the integers: `read_raw` gives the pixels as decoded
+(uint8, uint16, int16, float...; RGB order), `to_float` scales them to float32 [0, 1] and
+matches the model's channels. `read_image` is both.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from PIL import Image
 from vittune.errors import DataError
 from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
 
+try:
+    import simplejpeg
+except ImportError:  # optional: OpenCV decodes every JPEG then
+    simplejpeg = None
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 # PIL's readers for the formats of IMAGE_SUFFIXES (found by content, as OpenCV does).
@@ -26,23 +37,43 @@ _HEADER_READERS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+def intensity_range(pixels: np.ndarray, mode: str = "dtype") -> tuple[float, float] | None:
+    """The raw values that `scale_intensity` maps to 0 and 1 for an integer image (None for
+    float images, which are scaled by their own maximum).
+
+    Computed on the whole image, so an image cropped later is still scaled as a whole.
+    """
+    if mode == "minmax":
+        if pixels.size == 0:
+            return 0.0, 0.0
+        return float(pixels.min()), float(pixels.max())
+    if np.issubdtype(pixels.dtype, np.integer):
+        # Signed data (CT slices in Hounsfield units, int16) maps its whole range, so negative
+        # values land in [0, 1] too.
+        info = np.iinfo(pixels.dtype)
+        return float(info.min), float(info.max)
+    return None
+
+
+def scale_to_range(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """float32 (pixels - low) / (high - low); zeros where the range is empty."""
+    if high <= low:
+        return np.zeros(pixels.shape, np.float32)
+    # 32-bit integers are scaled in float64 to keep their levels.
+    wide = np.float64 if pixels.dtype.kind in "iu" and pixels.dtype.itemsize > 2 else np.float32
+    scaled = (pixels.astype(wide) - low) / (high - low)
+    return scaled.astype(np.float32, copy=False)
+
+
 def scale_intensity(pixels: np.ndarray, mode: str = "dtype") -> np.ndarray:
     """Map raw pixel values to float32 in [0, 1].
 
     `dtype` divides by the integer type's maximum (a 12-bit image stored in 16 bits stays
     dim but keeps every level); `minmax` stretches each image to its own range.
     """
-    if mode == "minmax":
-        pixels = pixels.astype(np.float32)
-        low, high = float(pixels.min()), float(pixels.max())
-        return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    if np.issubdtype(pixels.dtype, np.integer):
-        # Signed data (CT slices in Hounsfield units, int16) maps its whole range, so negative
-        # values land in [0, 1] too; 32-bit types are scaled in float64 to keep their levels.
-        info = np.iinfo(pixels.dtype)
-        wide = np.float64 if pixels.dtype.itemsize > 2 else np.float32
-        scaled = (pixels.astype(wide) - info.min) / (float(info.max) - float(info.min))
-        return scaled.astype(np.float32)
+    span = intensity_range(pixels, mode)
+    if span is not None:
+        return scale_to_range(pixels, *span)
     pixels = pixels.astype(np.float32)
     high = float(pixels.max()) if pixels.size else 1.0
     return np.clip(pixels / high, 0.0, 1.0) if high > 1.0 else np.clip(pixels, 0.0, 1.0)
@@ -70,6 +101,15 @@ def image_size(source: str | Path | bytes) -> tuple[int, int] | None:
     """(width, height) as the header of a file (or of its bytes) declares it, read without
     decoding a pixel.
 
+    None when PIL cannot parse the header (see `image_header`).
+    """
+    header = image_header(source)
+    return None if header is None else header[0]
+
+
+def image_header(source: str | Path | bytes) -> tuple[tuple[int, int], str] | None:
+    """((width, height), PIL mode) as the header of a file (or of its bytes) declares them.
+
     None when PIL cannot parse the header: not an image, a truncated header, or one of the
     few formats OpenCV decodes and PIL does not (float RGB and float64 TIFFs).
     """
@@ -87,7 +127,8 @@ def image_size(source: str | Path | bytes) -> tuple[int, int] | None:
                 continue
             handle.seek(0)
             try:
-                return factory(handle, name).size
+                image = factory(handle, name)
+                return image.size, image.mode
             except (SyntaxError, OSError, ValueError, IndexError, TypeError, struct.error):
                 continue  # not this format (or a broken header): try the next reader
     return None
@@ -103,15 +144,58 @@ def check_pixel_count(path: str | Path, width: int, height: int, max_pixels: int
         )
 
 
-def _decode(source: str | Path | bytes, name: str | Path) -> np.ndarray:
-    if isinstance(source, bytes | bytearray | memoryview):
-        pixels = cv2.imdecode(np.frombuffer(source, np.uint8), cv2.IMREAD_UNCHANGED)
-    else:
-        pixels = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG from its frame header via simplejpeg (a tenth of PIL's
+    cost); None if it is not a JPEG simplejpeg reads (PIL's header reader decides then)."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+    except ValueError:
+        return None
+    return width, height
+
+
+def _simplejpeg(data: bytes) -> np.ndarray | None:
+    """RGB or grey pixels of a JPEG through simplejpeg; None where it is not the decoder to
+    use (not installed, not a JPEG, CMYK/YCCK colour, or a file it refuses: OpenCV then
+    decides, so corrupt files are judged as they always were)."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        colour = simplejpeg.decode_jpeg_header(data)[2]
+        if colour not in ("Gray", "YCbCr", "RGB"):
+            return None
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if colour == "Gray" else "RGB")
+    except ValueError:
+        return None
+    return pixels[:, :, 0] if colour == "Gray" else pixels
+
+
+def _decode(source: str | Path | bytes, name: str | Path, data: bytes | None = None) -> np.ndarray:
+    """The pixels as stored, colour in RGB(A) order; `data`: the file's bytes, if read."""
+    in_memory = isinstance(source, bytes)
+    data = source if in_memory else data if data is not None else Path(source).read_bytes()
+    pixels = _simplejpeg(data)
+    if pixels is not None:
+        return pixels
+    # imread, not imdecode, for files: the two judge a truncated JPEG differently (imread
+    # keeps what libjpeg recovered), and files have always been read with imread.
+    pixels = (
+        cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if in_memory
+        else cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+    )
     if pixels is None or pixels.size == 0:
         raise DataError(
             f"cannot decode image {name}: the file is corrupt or not an image; replace or remove it"
         )
+    if pixels.ndim == 3 and pixels.shape[2] >= 3:  # OpenCV decodes to BGR(A)
+        four = pixels.shape[2] == 4
+        if pixels.dtype in (np.uint8, np.uint16, np.float32):  # the types cvtColor takes
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA if four else cv2.COLOR_BGR2RGB)
+        else:
+            pixels = np.ascontiguousarray(pixels[:, :, [2, 1, 0, 3] if four else [2, 1, 0]])
     return pixels
 
 
@@ -128,6 +212,37 @@ def check_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
     check_pixel_count(path, *size, max_pixels)
 
 
+def read_raw(
+    source: str | Path | bytes,
+    name: str | Path | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """Decode a file (or its bytes) to its pixels as stored: [H, W] or [H, W, C] in RGB(A)
+    order, in the file's own type (uint8, uint16, int16, float32...), not scaled.
+
+    The pixel count declared in the header is checked before decoding, so a small file that
+    inflates to gigabytes is refused without allocating them. `name` labels errors (the path
+    by default).
+    """
+    in_memory = isinstance(source, bytes | bytearray | memoryview)
+    name = name if name is not None else ("<bytes>" if in_memory else source)
+    source = bytes(source) if in_memory else source
+    data = source if in_memory else Path(source).read_bytes()
+    size = _jpeg_size(data) or image_size(data)
+    if size is not None:
+        check_pixel_count(name, *size, max_pixels)
+    pixels = _decode(source, name, data)
+    if size is None:  # no header PIL could read: check what OpenCV decoded
+        check_pixel_count(name, pixels.shape[1], pixels.shape[0], max_pixels)
+    return pixels
+
+
+def to_float(pixels: np.ndarray, in_chans: int = 3, intensity: str = "dtype") -> np.ndarray:
+    """Raw pixels (`read_raw`) to contiguous float32 [H, W, in_chans] in [0, 1]."""
+    pixels = scale_intensity(pixels, intensity)
+    return np.ascontiguousarray(match_channels(pixels, in_chans), dtype=np.float32)
+
+
 def read_image(
     path: str | Path,
     in_chans: int = 3,
@@ -139,7 +254,7 @@ def read_image(
     The pixel count declared in the header is checked before decoding, so a small file that
     inflates to gigabytes is refused without allocating them.
     """
-    return _read(path, path, in_chans, intensity, max_pixels)
+    return to_float(read_raw(path, path, max_pixels), in_chans, intensity)
 
 
 def read_image_bytes(
@@ -151,24 +266,4 @@ def read_image_bytes(
 ) -> np.ndarray:
     """`read_image` for a file's bytes already in memory (shards, object storage); `name`
     only labels errors."""
-    return _read(bytes(data), name, in_chans, intensity, max_pixels)
-
-
-def _read(
-    source: str | Path | bytes,
-    name: str | Path,
-    in_chans: int,
-    intensity: str,
-    max_pixels: int | None,
-) -> np.ndarray:
-    size = image_size(source)
-    if size is not None:
-        check_pixel_count(name, *size, max_pixels)
-    pixels = _decode(source, name)
-    if size is None:  # no header PIL could read: check what OpenCV decoded
-        check_pixel_count(name, pixels.shape[1], pixels.shape[0], max_pixels)
-    if pixels.ndim == 3 and pixels.shape[2] >= 3:
-        order = [2, 1, 0, 3] if pixels.shape[2] == 4 else [2, 1, 0]
-        pixels = pixels[:, :, order]  # OpenCV decodes to BGR(A)
-    pixels = scale_intensity(pixels, intensity)
-    return np.ascontiguousarray(match_channels(pixels, in_chans), dtype=np.float32)
+    return to_float(read_raw(bytes(data), name, max_pixels), in_chans, intensity)

@@ -2,6 +2,11 @@
 
 Images arrive as float32 in [0, 1] with any number of channels, so presets use only
 transforms that work on float images of 1 or 3 channels (no uint8-only ops).
+
+Presets also take the decoded integers (`IntegerFirst.from_raw`): their leading geometric
+steps (resize, random resized crop, flip, affine) run on the uint8 / uint16 pixels, and the
+conversion to float happens on the cropped, model-sized image, which is cheaper than
+converting (and resampling) the whole decoded image in float32 (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from typing import Any
 
 import albumentations as A
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 from timm.layers import to_2tuple
 
+from vittune.data.decode import intensity_range, match_channels, scale_intensity, scale_to_range
 from vittune.errors import RecipeError
 from vittune.recipe.schema import AugmentConfig
 
@@ -46,7 +53,107 @@ class InImageRange(A.Sequential):
         return data
 
 
-def seed_augmentation(transform: A.BaseCompose | None, seed: np.random.SeedSequence) -> None:
+# Steps that only move pixels (and interpolate them linearly): they commute with the affine
+# intensity scaling, up to one rounding of the integer result, so they may run on integers.
+_GEOMETRIC = (A.Resize, A.RandomResizedCrop, A.HorizontalFlip, A.Affine)
+# The integer types OpenCV resamples (32-bit and 8-bit signed ones go the float path).
+_INTEGER_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16))
+
+
+def normalise_to_tensor(pixels: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """(pixels - mean) * scale per channel, [H, W(, C)] float32 -> contiguous [C, H, W].
+
+    What `A.Normalize(max_pixel_value=1)` + `ToTensorV2` compute, in one pass per channel
+    written straight into channel-first order (albumentations' Normalize of a 3-channel
+    float image costs about as much as decoding a JPEG).
+    """
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    height, width, channels = pixels.shape
+    out = np.empty((channels, height, width), np.float32)  # [C, H, W]
+    for c in range(channels):
+        k = c if len(mean) > 1 else 0
+        np.subtract(pixels[:, :, c], mean[k], out=out[c])
+        out[c] *= scale[k]
+    return torch.from_numpy(out)
+
+
+class IntegerFirst:
+    """A preset split in two: its leading geometric steps, then the rest on float32.
+
+    Called like an albumentations pipeline (`pipeline(image=float_pixels)["image"]`), it runs
+    both parts on float images in [0, 1]. `from_raw` takes the decoded integers instead: the
+    geometric part runs on them, then they are scaled with the range of the whole image
+    (taken before the crop, so `data.intensity: minmax` keeps its meaning) and given the
+    model's channels. Both parts share one pair of random generators, so a seed gives the same
+    crops either way; integer and float results differ by at most the rounding of the
+    resampled integers (one level), which the tests pin.
+    """
+
+    def __init__(
+        self,
+        geometric: list[A.BasicTransform],
+        rest: list[A.BasicTransform],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        self.geometric = A.Compose(geometric)
+        self.rest = A.Compose(rest)  # float steps; then normalise_to_tensor
+        self.mean = np.asarray(mean, np.float32)
+        self.scale = np.reciprocal(np.asarray(std, np.float32))  # as A.Normalize
+        # Affine fills the borders it uncovers with raw 0, which only means 0.0 after scaling
+        # when the range starts at 0; other images take the float path.
+        self._fills = any(isinstance(t, A.Affine) for t in geometric)
+
+    def set_random_state(self, numpy_rng: np.random.Generator, python_rng: random.Random) -> None:
+        self.geometric.set_random_state(numpy_rng, python_rng)
+        self.rest.set_random_state(numpy_rng, python_rng)
+
+    def __call__(self, *, image: np.ndarray, **data: Any) -> dict[str, Any]:
+        return self._rest(self.geometric(image=image)["image"])
+
+    def _rest(self, image: np.ndarray) -> dict[str, Any]:
+        # A Compose draws once to decide whether it runs (p=1: always); the second part is
+        # forced instead, so the pair draws exactly what one Compose of all steps would.
+        if self.rest.transforms:
+            image = self.rest(image=image, force_apply=True)["image"]
+        return {"image": normalise_to_tensor(image, self.mean, self.scale)}
+
+    def from_raw(self, raw: np.ndarray, in_chans: int, intensity: str = "dtype") -> dict[str, Any]:
+        """Transform decoded pixels (`read_raw`: [H, W] or [H, W, C], any integer type)."""
+        span = intensity_range(raw, intensity) if raw.dtype in _INTEGER_TYPES else None
+        if span is None or (self._fills and span[0] != 0.0):  # float path; see _fills
+            pixels = match_channels(scale_intensity(raw, intensity), in_chans)
+            return self(image=np.ascontiguousarray(pixels, dtype=np.float32))
+        if raw.ndim == 3 and raw.shape[2] == 4 and in_chans != 4:
+            raw = raw[:, :, :3]  # drop alpha before resampling it
+        raw = self.geometric(image=np.ascontiguousarray(raw))["image"]  # [h, w(, C)], integers
+        channels = 1 if raw.ndim == 2 else raw.shape[2]
+        if not self.rest.transforms and channels in (1, in_chans):  # nothing between: fuse
+            return {"image": self._scale_and_normalise(raw, span, in_chans)}
+        pixels = match_channels(scale_to_range(raw, *span), in_chans)
+        return self._rest(np.ascontiguousarray(pixels, dtype=np.float32))
+
+    def _scale_and_normalise(
+        self, raw: np.ndarray, span: tuple[float, float], in_chans: int
+    ) -> torch.Tensor:
+        """`normalise_to_tensor(match_channels(scale_to_range(raw, *span)))` in one multiply
+        and one add per channel: ((raw - low) / (high - low) - mean) * scale = raw * a + b."""
+        low, high = span
+        raw = raw[:, :, None] if raw.ndim == 2 else raw  # [h, w, 1 or in_chans]
+        height, width = raw.shape[:2]
+        out = np.empty((in_chans, height, width), np.float32)  # [C, h, w]
+        for c in range(in_chans):
+            k = c if len(self.mean) > 1 else 0
+            a = self.scale[k] / np.float32(high - low) if high > low else np.float32(0.0)
+            b = -(np.float32(low) * a) - self.mean[k] * self.scale[k]
+            np.multiply(raw[:, :, c if raw.shape[2] > 1 else 0], a, out=out[c], dtype=np.float32)
+            out[c] += b
+        return torch.from_numpy(out)
+
+
+def seed_augmentation(
+    transform: A.BaseCompose | IntegerFirst | None, seed: np.random.SeedSequence
+) -> None:
     """Give a pipeline its own random streams, derived from `seed`.
 
     Albumentations 2 draws from generators it keeps itself, so `torch.manual_seed` and
@@ -146,14 +253,16 @@ def build_train_transform(
     img_size: int | tuple[int, int],
     mean: tuple[float, ...],
     std: tuple[float, ...],
-) -> A.Compose:
+) -> A.Compose | IntegerFirst:
+    """A preset as an `IntegerFirst` (it can start on the decoded integers); an explicit
+    `augment.transforms` list as one float-only pipeline, since its steps may be anything."""
     height, width = tuple(to_2tuple(img_size))
-    ops = (
-        _explicit(cfg.transforms, height, width)
-        if cfg.transforms is not None
-        else _preset(cfg.preset, height, width)
-    )
-    return A.Compose([*ops, A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()])
+    if cfg.transforms is not None:
+        finish = [A.Normalize(mean=mean, std=std, max_pixel_value=1.0), ToTensorV2()]
+        return A.Compose([*_explicit(cfg.transforms, height, width), *finish])
+    ops = _preset(cfg.preset, height, width)
+    split = next((i for i, op in enumerate(ops) if not isinstance(op, _GEOMETRIC)), len(ops))
+    return IntegerFirst(ops[:split], ops[split:], mean, std)
 
 
 def build_eval_transform(
