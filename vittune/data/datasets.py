@@ -237,6 +237,28 @@ class CorruptLog:
         return {Path(p): r for p, _, r in (line.partition("\t") for line in lines)}
 
 
+def encode_target(labels: tuple[int, ...], num_classes: int, multi_label: bool) -> torch.Tensor:
+    """A class index (-1 when unlabelled), or a multi-hot vector for multi-label data."""
+    if multi_label:
+        target = torch.zeros(num_classes)
+        target[list(labels)] = 1.0
+        return target
+    return torch.tensor(labels[0] if labels else -1)
+
+
+def model_input(
+    raw: np.ndarray, transform: Callable | None, in_chans: int, intensity: str
+) -> torch.Tensor:
+    """Decoded pixels as stored (`read_raw`) -> the [C, H, W] tensor the model takes: the one
+    step shared by files, the decoded cache and litdata shards."""
+    if hasattr(transform, "from_raw"):  # a preset: geometry on the integers first
+        return transform.from_raw(raw, in_chans, intensity)["image"]
+    pixels = to_float(raw, in_chans, intensity)
+    if transform is None:
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+    return transform(image=pixels)["image"]
+
+
 class ImageDataset(Dataset):
     """Decodes one sample per index; a corrupt file gives `None` (for `SkipCorrupt`) or raises."""
 
@@ -269,11 +291,7 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def target(self, sample: Sample) -> torch.Tensor:
-        if self.multi_label:
-            target = torch.zeros(self.num_classes)
-            target[list(sample.labels)] = 1.0
-            return target
-        return torch.tensor(sample.labels[0] if sample.labels else -1)
+        return encode_target(sample.labels, self.num_classes, self.multi_label)
 
     def load_raw(self, index: int) -> np.ndarray:
         """The decoded pixels as stored (`read_raw`): integers for integer files."""
@@ -298,15 +316,7 @@ class ImageDataset(Dataset):
                 self._warned.add(sample.path)
                 warnings.warn(f"{err} (left out of its batch)", stacklevel=2)
             return None
-        if hasattr(self.transform, "from_raw"):  # a preset: geometry on the integers first
-            image = self.transform.from_raw(raw, self.in_chans, self.intensity)["image"]
-        else:
-            pixels = to_float(raw, self.in_chans, self.intensity)
-            image = (
-                self.transform(image=pixels)["image"]
-                if self.transform
-                else torch.from_numpy(pixels).permute(2, 0, 1)
-            )
+        image = model_input(raw, self.transform, self.in_chans, self.intensity)
         return image, self.target(sample)
 
 

@@ -10,7 +10,7 @@ the source folder or CSV. The pixels come from `OUT/<split>/` through litdata:
 - evaluation reads images by index (`ShardImages`), so the data module's
   `UnrepeatedDistributedSampler` scores every image exactly once under DDP, as for files.
 
-Both go through `ItemDecoder`: the file's original bytes decoded by `read_image_bytes`, the
+Both go through `ItemDecoder`: the file's original bytes decoded by `read_raw`, the
 recipe's transform, the target; a corrupt image is handled as `on_corrupt` says.
 """
 
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Dataset
 
-from vittune.data.datasets import CorruptLog, Sample, SplitSamples
-from vittune.data.decode import read_image_bytes
+from vittune.data.datasets import CorruptLog, Sample, SplitSamples, encode_target, model_input
+from vittune.data.decode import read_raw
 from vittune.errors import DataError
 from vittune.recipe.schema import DataConfig
 
@@ -153,7 +153,7 @@ class ItemDecoder:
     """The one step from stored bytes to a model input: decode, transform, target.
 
     It does for an image in memory what `ImageDataset.__getitem__` does for a file, with the
-    same decoding rules and limits (`read_image_bytes`), the same targets, and the same
+    same decoding rules and limits (`read_raw`), the same targets, and the same
     handling of a corrupt image (None for `SkipCorrupt`, logged; or raised).
     """
 
@@ -171,7 +171,7 @@ class ItemDecoder:
         self, data: bytes, name: str, labels: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
-            pixels = read_image_bytes(data, name, self.in_chans, self.intensity, self.max_pixels)
+            raw = read_raw(bytes(data), name, self.max_pixels)
         except DataError as err:
             if self.on_corrupt == "error":
                 raise
@@ -181,17 +181,8 @@ class ItemDecoder:
                 self._warned.add(name)
                 warnings.warn(f"{err} (left out of its batch)", stacklevel=2)
             return None
-        image = (
-            self.transform(image=pixels)["image"]
-            if self.transform
-            else torch.from_numpy(pixels).permute(2, 0, 1)  # [C, H, W]
-        )
-        if self.multi_label:
-            target = torch.zeros(self.num_classes)
-            target[list(labels)] = 1.0
-        else:
-            target = torch.tensor(labels[0] if labels else -1)
-        return image, target
+        image = model_input(raw, self.transform, self.in_chans, self.intensity)
+        return image, encode_target(labels, self.num_classes, self.multi_label)
 
     def set_random_state(self, *generators: object) -> None:
         """`seed_augmentation` seeds a dataset's `transform`: pass the generators on."""
