@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from vittune.data.datamodule import scan_readable, scan_sources
 from vittune.data.datasets import ImageDataset, Sample, SplitSamples
-from vittune.data.decode import read_image
 from vittune.errors import DataError, RecipeError
 from vittune.evaluation.figures import (
     save_confusion_figure,
@@ -45,6 +44,7 @@ class Evaluation:
     probs: np.ndarray  # [N, K]
     skipped: list[Path]
     merging: list[dict] = field(default_factory=list)  # --token-merge rows, r = 0 first
+    indices: list[int] = field(default_factory=list)  # the dataset index of each scored image
 
 
 class _Indexed(Dataset):
@@ -172,13 +172,13 @@ def choose_samples(run: TrainedRun, split: str, new_data: bool) -> tuple[SplitSa
     return align_to_run(picked, run.classes), chosen
 
 
-def _display_images(run: TrainedRun, paths: list[Path]) -> np.ndarray:
-    """[M, C, H, W] in [0, 1] at the model's input size: what the model saw, before normalising."""
-    cfg, (height, width) = run.recipe.data, run.recipe.model.img_size
-    pixels = [
-        cv2.resize(read_image(p, run.recipe.model.in_chans, cfg.intensity), (width, height))
-        for p in paths
-    ]
+def _display_images(run: TrainedRun, dataset: Dataset, indices: list[int]) -> np.ndarray:
+    """[M, C, H, W] in [0, 1] at the model's input size: what the model saw, before normalising.
+
+    Read through the dataset that was scored (`load`), not from the source paths: shards
+    (`data.format: litdata`) hold the images where the original files may no longer exist."""
+    height, width = run.recipe.model.img_size
+    pixels = [cv2.resize(dataset.load(i), (width, height)) for i in indices]
     return np.stack([p if p.ndim == 3 else p[:, :, None] for p in pixels]).transpose(0, 3, 1, 2)
 
 
@@ -197,7 +197,9 @@ def _target_names(report: EvaluationReport, target: np.ndarray) -> str:
     return report.classes[int(target)]
 
 
-def write_outputs(run: TrainedRun, result: Evaluation, targets: np.ndarray, meta: dict) -> None:
+def write_outputs(
+    run: TrainedRun, result: Evaluation, targets: np.ndarray, meta: dict, dataset: Dataset
+) -> None:
     """metrics.json, per_class.csv, predictions.csv and the figures, into the eval folder."""
     report, folder = result.report, result.folder
     document = {**meta, **report.to_dict()}
@@ -222,7 +224,7 @@ def write_outputs(run: TrainedRun, result: Evaluation, targets: np.ndarray, meta
     if picks:
         predicted = result.probs.argmax(axis=1)  # [N]; multi-label: the most confident label
         save_mistakes_grid(
-            _display_images(run, [result.paths[i] for i in picks]),
+            _display_images(run, dataset, [result.indices[i] for i in picks]),
             [_target_names(report, targets[i]) for i in picks],
             [report.classes[int(predicted[i])] for i in picks],
             [float(result.probs[i, predicted[i]]) for i in picks],
@@ -281,6 +283,7 @@ def evaluate_run(
         probs,
         [samples[i].path for i in failed],
         merging,
+        scored,
     )
     meta = {
         "run": str(run.folder),
@@ -290,5 +293,5 @@ def evaluate_run(
         "skipped_files": [str(p) for p in result.skipped],
         "token_merging": merging,
     }
-    write_outputs(run, result, targets, meta)
+    write_outputs(run, result, targets, meta, dataset)
     return result

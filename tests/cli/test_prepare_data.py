@@ -87,6 +87,13 @@ def test_prepare_data_then_finetune_on_the_shards_learns(tmp_path: Path) -> None
     assert "test/acc1" in json.dumps(metrics)
     report = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
     assert report["num_samples"] == 12 and report["split"] == "test"
+    # The shards are the data now: evaluation, its figures included, needs no source file.
+    (tmp_path / "data").rename(tmp_path / "moved")
+    ok(run_cli("evaluate", str(run_dir), "--split", "val", cwd=tmp_path, env=ONE_THREAD))
+    report = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())
+    assert report["num_samples"] == 15
+    assert report["overall"]["acc1"] < 1.0 and report["mistakes"]  # so the grid was drawn
+    assert (run_dir / "eval" / "val" / "mistakes.png").is_file()
 
 
 @pytest.mark.slow

@@ -28,11 +28,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from vittune.data.datasets import CorruptLog, Sample, SplitSamples, encode_target, model_input
-from vittune.data.decode import read_raw
+from vittune.data.decode import read_raw, to_float
 from vittune.errors import DataError
 from vittune.recipe.schema import DataConfig
 
@@ -237,6 +238,16 @@ class ShardImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        item, path = self._item(index)
+        return self.transform(item["image"], path, self.samples[index].labels)
+
+    def load(self, index: int) -> np.ndarray:
+        """float32 [H, W, in_chans] in [0, 1], as `ImageDataset.load` gives a file's pixels."""
+        item, path = self._item(index)
+        raw = read_raw(bytes(item["image"]), path, self.transform.max_pixels)
+        return to_float(raw, self.transform.in_chans, self.transform.intensity)
+
+    def _item(self, index: int) -> tuple[dict, str]:
         split, position = self.places[index]
         if split not in self._streams:  # opened in the process that reads (a worker)
             from litdata import StreamingDataset  # noqa: PLC0415
@@ -249,7 +260,7 @@ class ShardImages(Dataset):
                 f"{join(self.root, split)} item {position} is {record['path']}, not {sample.path}:"
                 " the shards do not match samples.csv; prepare the data again"
             )
-        return self.transform(item["image"], record["path"], sample.labels)
+        return item, record["path"]
 
 
 def shard_dataset(datamodule: ImageDataModule, split: str, train: bool) -> Dataset:
