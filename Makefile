@@ -28,3 +28,7 @@ bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/mae_step.py
 	$(BIN)/python benchmarks/distill_step.py
+	$(BIN)/python benchmarks/dataloader.py
+	$(BIN)/python benchmarks/cache.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/end_to_end.py

@@ -150,7 +150,8 @@ class TrainerConfig(Section):
     # a vittune checkpoint to continue from (into a new run folder), or `auto`: the newest
     # checkpoint of <logging.run_dir>/<logging.name>, continued in that same folder
     resume_from: str | None = None
-    # torch.compile the backbone (and MAE decoder); the first steps pay the compilation
+    # torch.compile for training (backbone; MAE: encoder + decoder; distill: student and
+    # teacher); the first steps pay the compilation (docs/compile.md)
     compile: bool = False
 
 
