@@ -15,6 +15,9 @@ import warnings
 KNOWN_NOISE: list[tuple[str, type[Warning]]] = [
     # Lightning's own pytree helper calls a torch API deprecated in torch 2.9 (lightning 2.5)
     (r".*isinstance\(treespec, LeafSpec\)", Warning),
+    # every `data.format: litdata` run: Lightning warns that an IterableDataset's length may be
+    # wrong across workers; litdata's StreamingDataset shares its chunks out per worker itself
+    (r"Your `IterableDataset` has `__len__` defined", Warning),
 ]
 
 
