@@ -48,7 +48,7 @@ def test_augmentation_follows_the_torch_seed_and_differs_per_worker_and_epoch(
         torch.testing.assert_close(epoch, repeat, rtol=0, atol=0)
     # 2 epochs x 16 images, one picture: no two of the 32 crops/flips are the same, so workers
     # do not repeat each other and an epoch does not repeat the one before.
-    served = torch.cat(first).flatten(1)  # [32, 16 * 16]
+    served = torch.cat(first).flatten(1).float()  # [32, 16 * 16]; uint8 as the workers send it
     assert served.shape[0] == 32
     distance = torch.cdist(served, served) + torch.eye(32) * 1e6
     assert distance.min() > 1e-3

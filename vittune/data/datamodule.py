@@ -33,7 +33,13 @@ from vittune.data.datasets import (
     scan_folder,
     stratified_split,
 )
-from vittune.data.transforms import build_eval_transform, build_train_transform, seed_augmentation
+from vittune.data.transforms import (
+    IntegerFirst,
+    IntegerNormalise,
+    build_eval_transform,
+    build_train_transform,
+    seed_augmentation,
+)
 from vittune.errors import DataError
 from vittune.recipe.schema import AugmentConfig, DataConfig
 
@@ -112,6 +118,11 @@ class ImageDataModule(L.LightningDataModule):
         self.found = found or scan_sources(cfg)
         self.classes = self.found.classes
         self.train_transform = build_train_transform(augment, img_size, mean, std)
+        # Presets without float steps hand training images over as uint8 / uint16; the task
+        # normalises them on the device (VitTask.on_after_batch_transfer) with these values.
+        self.normalise = IntegerNormalise(mean, std)
+        if isinstance(self.train_transform, IntegerFirst):
+            self.train_transform.integers = True
         self.eval_transform = build_eval_transform(img_size, mean, std)
         self.in_chans = in_chans
         self.even_batches = augment.mixup_alpha + augment.cutmix_alpha > 0
@@ -206,7 +217,7 @@ class ImageDataModule(L.LightningDataModule):
                 workers,
                 pin_memory=torch.cuda.is_available(),
                 worker_init_fn=partial(seed_worker, rank=rank),
-                collate_fn=SkipCorrupt(even=self.even_batches),
+                collate_fn=SkipCorrupt(even=self.even_batches, normalise=self.normalise),
             )
         # Evaluation under DDP: each process gets every world_size-th image and none twice.
         # Lightning would add a DistributedSampler, which pads the last shard with repeated
@@ -224,7 +235,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self._pin_memory(),
             prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             worker_init_fn=partial(seed_worker, rank=rank),
-            collate_fn=SkipCorrupt(even=train and self.even_batches),
+            collate_fn=SkipCorrupt(even=train and self.even_batches, normalise=self.normalise),
         )
 
     def _pin_memory(self) -> bool:

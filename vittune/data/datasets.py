@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, default_collate
 
 from vittune.data.cache import DecodedCache
 from vittune.data.decode import IMAGE_SUFFIXES, check_image, read_raw, to_float
+from vittune.data.transforms import IntegerNormalise
 from vittune.errors import DataError
 from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -325,10 +326,15 @@ class SkipCorrupt:
 
     The batch gets smaller instead of taking a copy of another image, so a corrupt
     validation image is not replaced by a duplicate that would be scored twice.
+
+    Training workers may deliver integer images (`IntegerFirst.integers`), and a folder can
+    hold 8- and 16-bit files, or files that still take the float path (float TIFFs, int16):
+    `common_images` gives every image of a batch one representation first.
     """
 
-    def __init__(self, even: bool = False) -> None:
+    def __init__(self, even: bool = False, normalise: IntegerNormalise | None = None) -> None:
         self.even = even  # mixup/cutmix pair images within a batch: keep its size even
+        self.normalise = normalise  # for integer images in a batch with float ones
 
     def __call__(self, items: list) -> object:
         kept = [item for item in items if item is not None]
@@ -339,4 +345,31 @@ class SkipCorrupt:
                 f"none of the {len(items)} images of a batch could be decoded; remove the corrupt "
                 "files named in the warnings, or set data.on_corrupt: error to stop at the first"
             )
-        return default_collate(kept)
+        return default_collate(common_images(kept, self.normalise))
+
+
+def common_images(items: list, normalise: IntegerNormalise | None) -> list:
+    """(image, target) items whose images share one dtype, each meaning what it meant.
+
+    With `data.intensity: dtype` an 8-bit value v means v / 255 and a 16-bit one v / 65535,
+    so a mixed batch cannot just be cast: uint8 images become uint16 as v * 257 (exact, since
+    65535 = 255 * 257); integer images next to float (already normalised) ones are normalised
+    here, as the device would have done.
+    """
+    dtypes = {item[0].dtype for item in items}
+    if len(dtypes) < 2:
+        return items
+    if all(not d.is_floating_point for d in dtypes):
+        if dtypes != {torch.uint8, torch.uint16}:
+            raise DataError(f"cannot batch images of types {sorted(map(str, dtypes))}")
+        return [(_as_uint16(item[0]), *item[1:]) for item in items]
+    if normalise is None:
+        raise DataError("a batch mixes integer and float images and nothing normalises them")
+    return [
+        item if item[0].is_floating_point() else (normalise(item[0][None])[0], *item[1:])
+        for item in items
+    ]
+
+
+def _as_uint16(image: torch.Tensor) -> torch.Tensor:
+    return image.to(torch.uint16) * 257 if image.dtype == torch.uint8 else image

@@ -58,6 +58,48 @@ class InImageRange(A.Sequential):
 _GEOMETRIC = (A.Resize, A.RandomResizedCrop, A.HorizontalFlip, A.Affine)
 # The integer types OpenCV resamples (32-bit and 8-bit signed ones go the float path).
 _INTEGER_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16))
+# The types a training worker may deliver un-normalised (`IntegerFirst.integers`): those that
+# `data.intensity: dtype` scales from 0, so dividing by the dtype's maximum is the whole scaling.
+_DELIVERED = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+
+class IntegerNormalise:
+    """Normalise a batch of integer images where it is (on the device): [B, C, H, W] uint8 or
+    uint16 -> float32 (x / dtype max - mean) / std, as `x * a + b` per channel.
+
+    The coefficients are those the worker-side path (`IntegerFirst._scale_and_normalise`)
+    uses, computed alike in float32, so both give the same numbers. Float batches (evaluation,
+    augmentations with float steps) are already normalised and pass through unchanged. A plain
+    object, not a module: the task holds it outside its state_dict.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        mean32 = np.asarray(mean, np.float32)
+        self._scale = np.reciprocal(np.asarray(std, np.float32))  # as A.Normalize
+        self._shift = -(mean32 * self._scale)
+        self._coefficients: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def coefficients(
+        self, dtype: torch.dtype, channels: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b), each [1, C, 1, 1] float32 on `device`, for images of `dtype`."""
+        key = (dtype, channels, device)
+        if key not in self._coefficients:
+            top = np.float32(torch.iinfo(dtype).max)
+            a = np.resize(self._scale / top, channels).astype(np.float32)
+            b = np.resize(self._shift, channels).astype(np.float32)
+            self._coefficients[key] = tuple(
+                torch.from_numpy(v).view(1, channels, 1, 1).to(device) for v in (a, b)
+            )
+        return self._coefficients[key]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():
+            return images
+        a, b = self.coefficients(images.dtype, images.shape[-3], images.device)
+        return images.float().mul_(a).add_(b)
 
 
 def normalise_to_tensor(pixels: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> torch.Tensor:
@@ -87,6 +129,12 @@ class IntegerFirst:
     model's channels. Both parts share one pair of random generators, so a seed gives the same
     crops either way; integer and float results differ by at most the rounding of the
     resampled integers (one level), which the tests pin.
+
+    `integers` (the data module sets it for training): when nothing follows the geometric part
+    and `data.intensity` is `dtype`, `from_raw` returns uint8 / uint16 images as they are,
+    [C, H, W] with the model's channels, neither scaled nor normalised; `IntegerNormalise` does
+    that on the device, where it is nearly free, instead of in the worker, where it costs a
+    float32 copy of every image through shared memory (docs/performance.md).
     """
 
     def __init__(
@@ -95,7 +143,9 @@ class IntegerFirst:
         rest: list[A.BasicTransform],
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        integers: bool = False,
     ) -> None:
+        self.integers = integers
         self.geometric = A.Compose(geometric)
         self.rest = A.Compose(rest)  # float steps; then normalise_to_tensor
         self.mean = np.asarray(mean, np.float32)
@@ -128,10 +178,20 @@ class IntegerFirst:
             raw = raw[:, :, :3]  # drop alpha before resampling it
         raw = self.geometric(image=np.ascontiguousarray(raw))["image"]  # [h, w(, C)], integers
         channels = 1 if raw.ndim == 2 else raw.shape[2]
+        if (
+            self.delivers_integers(intensity)
+            and raw.dtype in _DELIVERED
+            and channels in (1, in_chans)
+        ):
+            return {"image": _integer_tensor(raw, in_chans)}
         if not self.rest.transforms and channels in (1, in_chans):  # nothing between: fuse
             return {"image": self._scale_and_normalise(raw, span, in_chans)}
         pixels = match_channels(scale_to_range(raw, *span), in_chans)
         return self._rest(np.ascontiguousarray(pixels, dtype=np.float32))
+
+    def delivers_integers(self, intensity: str) -> bool:
+        """Whether `from_raw` returns uint8 / uint16 images un-normalised (see `integers`)."""
+        return self.integers and not self.rest.transforms and intensity == "dtype"
 
     def _scale_and_normalise(
         self, raw: np.ndarray, span: tuple[float, float], in_chans: int
@@ -149,6 +209,16 @@ class IntegerFirst:
             np.multiply(raw[:, :, c if raw.shape[2] > 1 else 0], a, out=out[c], dtype=np.float32)
             out[c] += b
         return torch.from_numpy(out)
+
+
+def _integer_tensor(raw: np.ndarray, in_chans: int) -> torch.Tensor:
+    """[h, w(, 1 or in_chans)] integers -> contiguous [in_chans, h, w] of the same dtype (a grey
+    image repeated to every channel, as `match_channels` does)."""
+    raw = raw[:, :, None] if raw.ndim == 2 else raw
+    chw = raw.transpose(2, 0, 1)  # [1 or in_chans, h, w]
+    if chw.shape[0] != in_chans:
+        chw = np.broadcast_to(chw, (in_chans, *chw.shape[1:]))
+    return torch.from_numpy(np.ascontiguousarray(chw))
 
 
 def seed_augmentation(

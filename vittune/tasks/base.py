@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from vittune.data.transforms import IntegerNormalise
 from vittune.models.compiling import allow_recompiles, compile_in_place, uncompile
 from vittune.optim.param_groups import build_optimizer, build_param_groups
 from vittune.optim.schedules import lr_multiplier
@@ -54,6 +55,9 @@ class VitTask(L.LightningModule):
         """
         super().__init__()
         self.recipe = recipe
+        # Normalises integer training batches on the device (the assembly sets it, with the
+        # data module's mean and std); a plain attribute, so checkpoints do not hold it.
+        self.input_normalise: IntegerNormalise | None = None
         self.run_dir = Path(run_dir) if run_dir else None
         self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
         self.configure_models(**parts)
@@ -77,6 +81,23 @@ class VitTask(L.LightningModule):
     def compiled_modules(self) -> list[nn.Module]:
         """What `trainer.compile` compiles in place (the backbone; MAE and distillation differ)."""
         return [self.model]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise integer images (training batches of presets without float steps, see
+        `IntegerFirst.integers`) where they now are; float batches pass through unchanged.
+        Runs before `training_step`, so mixup/cutmix see normalised floats."""
+        images = batch[0] if isinstance(batch, list | tuple) and batch else batch
+        if not isinstance(images, Tensor) or images.is_floating_point():
+            return batch
+        if self.input_normalise is None:
+            raise RuntimeError(
+                "an integer image batch reached the task but nothing normalises it; set "
+                "task.input_normalise = IntegerNormalise(mean, std) (vittune.assembly does)"
+            )
+        images = self.input_normalise(images)
+        if isinstance(batch, Tensor):
+            return images
+        return type(batch)([images, *batch[1:]])
 
     def on_fit_start(self) -> None:
         """`trainer.compile`: compile for training only, in place (no `_orig_mod.` key prefix).
