@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import timm
@@ -143,3 +144,34 @@ def test_the_task_normalises_integer_batches_and_keeps_its_checkpoint_keys() -> 
     floats = [torch.randn(2, 3, 32, 32), targets]  # evaluation batches pass through as they are
     assert task.on_after_batch_transfer(floats, 0)[0] is floats[0]
     assert list(task.state_dict()) == keys  # nothing of the normalisation is saved
+
+
+def test_mixup_in_a_fit_sees_normalised_floats() -> None:
+    recipe = Recipe.model_validate(
+        {"data": {"builtin": "digits"}, "augment": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
+    )
+    task = _task(recipe)
+    task.input_normalise = IntegerNormalise(MEAN3, STD3)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(
+        list(zip(images, torch.arange(8) % 2, strict=True)), batch_size=4
+    )
+    seen = []
+    mix = task.mix
+
+    def spy(batch: tuple) -> tuple:
+        given = batch[0].clone()  # timm's Mixup mixes in place
+        mixed = mix(batch)
+        seen.append((given, mixed[0].dtype, mixed[2]))
+        return mixed
+
+    task.mix = spy
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, train_dataloaders=loader)
+    assert len(seen) == 2
+    for k, (given, mixed_dtype, mixed) in enumerate(seen):
+        assert mixed and mixed_dtype == torch.float32
+        torch.testing.assert_close(given, task.input_normalise(images[4 * k : 4 * k + 4]))
