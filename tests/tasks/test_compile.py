@@ -25,6 +25,7 @@ from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import MaeConfig, Recipe
 from vittune.run import fit
+from vittune.tasks.mae import MaeTask
 
 # Compiled and eager runs differ only in the order of floating-point operations: inductor fuses
 # element-wise work and layer norms into other kernels and reduces in another order, which moves
@@ -118,7 +119,7 @@ def test_compiled_finetune_follows_eager_through_a_resume_and_an_unfreeze(tmp_pa
         assert torch.allclose(states[1][key], states[0][key], atol=WEIGHT_ATOL), key  # ...alike
 
 
-def test_compile_is_for_fit_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_is_for_fit_only(tmp_path: Path) -> None:
     """Compiled in place at fit start (names kept), eager again at fit end and everywhere else."""
     path = recipe_file(tmp_path)
     recipe = load(path, "trainer.compile=true", "optim.layer_decay=0.75")
@@ -130,10 +131,12 @@ def test_compile_is_for_fit_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     names, before = [n for n, _ in task.named_parameters()], groups()
     assert not is_compiled(task.model)  # evaluate / predict / export build the same way
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    task.on_fit_start()
+    # torch's own patch, not pytest's monkeypatch: torch config modules keep values per
+    # context, and monkeypatch's undo left the key hidden ("does not exist") for later tests
+    with torch._dynamo.config.patch(recompile_limit=2):
+        task.on_fit_start()
+        assert torch._dynamo.config.recompile_limit == 4  # train + eval graphs, + a ragged batch
     assert is_compiled(task.model)
-    assert torch._dynamo.config.recompile_limit == 4  # train + eval graphs, + a ragged batch
     # the optimiser sees the same parameters, names and layer-decay lrs
     assert [n for n, _ in task.named_parameters()] == names
     assert groups() == before
@@ -195,28 +198,19 @@ def with_compile(recipe: Recipe, compiled: bool) -> Recipe:
 
 
 @pytest.mark.slow
-def test_compiled_mae_and_distillation_follow_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_mae_and_distillation_follow_eager() -> None:
     """The whole MAE step (masking included) and the distillation student + frozen teacher."""
     from test_distillation import CLASSES, frozen, tiny_cnn, tiny_deit  # noqa: PLC0415
     from test_distillation import recipe as distill_recipe  # noqa: PLC0415
 
     from vittune.tasks.distillation import DistillationTask  # noqa: PLC0415
-    from vittune.tasks.mae import MaeTask  # noqa: PLC0415
 
     # Inductor draws random numbers with its own generator unless told to call torch's: the MAE
     # masks would differ from eager ones (still seeded, just another stream).
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    mae = Recipe(mae=MaeConfig(decoder_depth=1, decoder_dim=32, decoder_heads=2))
+    with torch._inductor.config.patch(fallback_random=True):
+        eager_mae, compiled_mae = [mae_losses(compiled) for compiled in (False, True)]
+    assert torch.allclose(torch.tensor(compiled_mae), torch.tensor(eager_mae), atol=LOSS_ATOL)
     distill = distill_recipe("soft", tau=2.0)
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        encoder = timm.create_model("vit_tiny_patch16_224", in_chans=1, **TINY)
-        task = MaeTask(with_compile(mae, compiled), encoder)
-        torch.manual_seed(1)
-        losses = step_losses(task)
-        if not compiled:
-            eager_mae = losses
-    assert torch.allclose(torch.tensor(losses), torch.tensor(eager_mae), atol=LOSS_ATOL)
     for compiled in (False, True):
         teacher = frozen(tiny_cnn())
         task = DistillationTask(with_compile(distill, compiled), tiny_deit(), teacher, CLASSES)
@@ -224,6 +218,15 @@ def test_compiled_mae_and_distillation_follow_eager(monkeypatch: pytest.MonkeyPa
         if not compiled:
             eager_distill = losses
     assert torch.allclose(torch.tensor(losses), torch.tensor(eager_distill), atol=LOSS_ATOL)
+
+
+def mae_losses(compiled: bool) -> list[float]:
+    mae = Recipe(mae=MaeConfig(decoder_depth=1, decoder_dim=32, decoder_heads=2))
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_tiny_patch16_224", in_chans=1, **TINY)
+    task = MaeTask(with_compile(mae, compiled), encoder)
+    torch.manual_seed(1)
+    return step_losses(task)
 
 
 @pytest.mark.slow
