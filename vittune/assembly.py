@@ -18,7 +18,6 @@ from torch import nn
 from vittune.callbacks import AttentionMaps, GradualUnfreeze
 from vittune.data.datamodule import ImageDataModule, scan_sources
 from vittune.data.datasets import SplitSamples
-from vittune.data.transforms import IntegerNormalise
 from vittune.errors import DataError, RecipeError
 from vittune.losses import balanced_class_weights
 from vittune.models.backbone import LoadReport, create_backbone
@@ -45,8 +44,8 @@ class Assembly:
 
     def __post_init__(self) -> None:
         # Training batches may arrive as integers; the task normalises them on the device
-        # with the values the data module normalises everything else with.
-        self.task.input_normalise = IntegerNormalise(self.mean, self.std)
+        # with the data module's own normaliser (the values it normalises everything else with).
+        self.task.input_normalise = self.datamodule.normalise
 
 
 def class_weights(recipe: Recipe, datamodule: ImageDataModule) -> torch.Tensor | None:

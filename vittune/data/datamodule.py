@@ -215,7 +215,8 @@ class ImageDataModule(L.LightningDataModule):
                 dataset,
                 batch,
                 workers,
-                pin_memory=torch.cuda.is_available(),
+                pin_memory=self._pin_memory(),
+                prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
                 worker_init_fn=partial(seed_worker, rank=rank),
                 collate_fn=SkipCorrupt(even=self.even_batches, normalise=self.normalise),
             )

@@ -238,6 +238,25 @@ class CorruptLog:
         return {Path(p): r for p, _, r in (line.partition("\t") for line in lines)}
 
 
+def leave_out(
+    err: DataError,
+    path: Path,
+    on_corrupt: str,
+    corrupt_log: CorruptLog | None,
+    warned: set[Path],
+) -> None:
+    """An image that failed to decode: raised under `data.on_corrupt: error`; otherwise left
+    out of its batch (the caller returns None for `SkipCorrupt`), logged for the run's summary
+    and warned about once per file in this process (a file fails again every epoch)."""
+    if on_corrupt == "error":
+        raise err
+    if corrupt_log is not None:
+        corrupt_log.add(path, str(err))
+    if path not in warned:
+        warned.add(path)
+        warnings.warn(f"{err} (left out of its batch)", stacklevel=3)
+
+
 def encode_target(labels: tuple[int, ...], num_classes: int, multi_label: bool) -> torch.Tensor:
     """A class index (-1 when unlabelled), or a multi-hot vector for multi-label data."""
     if multi_label:
@@ -309,13 +328,7 @@ class ImageDataset(Dataset):
         try:
             raw = self.load_raw(index)
         except DataError as err:
-            if self.on_corrupt == "error":
-                raise
-            if self.corrupt_log is not None:
-                self.corrupt_log.add(sample.path, str(err))
-            if sample.path not in self._warned:
-                self._warned.add(sample.path)
-                warnings.warn(f"{err} (left out of its batch)", stacklevel=2)
+            leave_out(err, sample.path, self.on_corrupt, self.corrupt_log, self._warned)
             return None
         image = model_input(raw, self.transform, self.in_chans, self.intensity)
         return image, self.target(sample)

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -32,7 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vittune.data.datasets import CorruptLog, Sample, SplitSamples, encode_target, model_input
+from vittune.data.datasets import (
+    CorruptLog,
+    Sample,
+    SplitSamples,
+    encode_target,
+    leave_out,
+    model_input,
+)
 from vittune.data.decode import read_raw, to_float
 from vittune.errors import DataError
 from vittune.recipe.schema import DataConfig
@@ -166,7 +172,7 @@ class ItemDecoder:
     on_corrupt: str = "skip"
     max_pixels: int | None = None
     corrupt_log: CorruptLog | None = None
-    _warned: set[str] = field(default_factory=set, repr=False)
+    _warned: set[Path] = field(default_factory=set, repr=False)
 
     def __call__(
         self, data: bytes, name: str, labels: tuple[int, ...]
@@ -174,13 +180,7 @@ class ItemDecoder:
         try:
             raw = read_raw(bytes(data), name, self.max_pixels)
         except DataError as err:
-            if self.on_corrupt == "error":
-                raise
-            if self.corrupt_log is not None:
-                self.corrupt_log.add(Path(name), str(err))
-            if name not in self._warned:
-                self._warned.add(name)
-                warnings.warn(f"{err} (left out of its batch)", stacklevel=2)
+            leave_out(err, Path(name), self.on_corrupt, self.corrupt_log, self._warned)
             return None
         image = model_input(raw, self.transform, self.in_chans, self.intensity)
         return image, encode_target(labels, self.num_classes, self.multi_label)

@@ -74,8 +74,6 @@ class IntegerNormalise:
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
         mean32 = np.asarray(mean, np.float32)
         self._scale = np.reciprocal(np.asarray(std, np.float32))  # as A.Normalize
         self._shift = -(mean32 * self._scale)
