@@ -144,10 +144,13 @@ def check_pixel_count(path: str | Path, width: int, height: int, max_pixels: int
         )
 
 
+_JPEG_START = b"\xff\xd8\xff"  # a JPEG file's first bytes (SOI marker, then a segment)
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG from its frame header via simplejpeg (a tenth of PIL's
     cost); None if it is not a JPEG simplejpeg reads (PIL's header reader decides then)."""
-    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+    if simplejpeg is None or data[:3] != _JPEG_START:
         return None
     try:
         height, width = simplejpeg.decode_jpeg_header(data)[:2]
@@ -160,7 +163,7 @@ def _simplejpeg(data: bytes) -> np.ndarray | None:
     """RGB or grey pixels of a JPEG through simplejpeg; None where it is not the decoder to
     use (not installed, not a JPEG, CMYK/YCCK colour, or a file it refuses: OpenCV then
     decides, so corrupt files are judged as they always were)."""
-    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+    if simplejpeg is None or data[:3] != _JPEG_START:
         return None
     try:
         colour = simplejpeg.decode_jpeg_header(data)[2]
@@ -179,12 +182,13 @@ def _decode(source: str | Path | bytes, name: str | Path, data: bytes | None = N
     pixels = _simplejpeg(data)
     if pixels is not None:
         return pixels
-    # imread, not imdecode, for files: the two judge a truncated JPEG differently (imread
-    # keeps what libjpeg recovered), and files have always been read with imread.
+    # imread, not imdecode, for JPEG files: the two judge a truncated JPEG differently
+    # (imread keeps what libjpeg recovered), and files have always been read with imread.
+    # Every other file is decoded from the bytes already read for its header.
     pixels = (
-        cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if in_memory
-        else cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+        cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+        if not in_memory and data[:3] == _JPEG_START
+        else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     )
     if pixels is None or pixels.size == 0:
         raise DataError(
