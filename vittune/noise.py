@@ -18,6 +18,9 @@ KNOWN_NOISE: list[tuple[str, type[Warning]]] = [
     # every `data.format: litdata` run: Lightning warns that an IterableDataset's length may be
     # wrong across workers; litdata's StreamingDataset shares its chunks out per worker itself
     (r"Your `IterableDataset` has `__len__` defined", Warning),
+    # every training run since the task normalises integer batches in on_after_batch_transfer:
+    # Lightning notes that the module's hook is used when a data module is passed, as intended
+    (r"You have overridden `on_after_batch_transfer` in `LightningModule`", Warning),
 ]
 
 
