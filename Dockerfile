@@ -40,7 +40,7 @@ WORKDIR /opt/vittune
 COPY pyproject.toml README.md ./
 COPY vittune ./vittune
 RUN pip install . \
-    && python -c "import cv2, torch, timm, vittune.run" \
+    && python -c "import cv2, torch, timm, vittune.training.run" \
     && vittune --help > /dev/null
 
 # Relative paths in recipes (data.root, logging.run_dir: runs) resolve from /work: mount

@@ -57,7 +57,7 @@ NOISE = (
 IMPORTS = {  # what each side imports before its first line of work
     "python alone": "pass",
     "plain: torch, torchvision, timm": "import torch, torchvision, timm",
-    "vittune: vittune.cli, vittune.run": "import vittune.cli, vittune.run",
+    "vittune: vittune.cli, vittune.training.run": "import vittune.cli, vittune.training.run",
 }
 
 

@@ -6,7 +6,7 @@ AdamW over the same two parameter groups (no weight decay on norms, biases, pos-
 tokens), a warmup-cosine LambdaLR stepped every step, fp32 on the CPU.
 
 The vittune side is vittune's own code: the recipe schema, `create_backbone`,
-`ClassificationTask` and the Trainer exactly as `vittune.trainer.build_trainer` makes it (CSV
+`ClassificationTask` and the Trainer exactly as `vittune.training.trainer.build_trainer` makes it (CSV
 logger, LearningRateMonitor, ModelCheckpoint, Lightning's default progress bar; W&B off).
 A step runs from the start of one training step to the start of the next, so batch fetching
 and every per-step hook count; validation and checkpoint writing (epoch end) are not timed.
@@ -45,18 +45,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 
-from vittune.assembly import build
 from vittune.data.datasets import SplitSamples
 from vittune.recipe.schema import Recipe
+from vittune.tasks.assembly import build
 from vittune.tasks.classification import ClassificationTask
-from vittune.trainer import build_trainer, monitor_of
+from vittune.training.trainer import build_trainer, monitor_of
 
 SECTION = "## Training-step overhead (vittune vs plain timm + torch)"
 LR, WEIGHT_DECAY, DROP_PATH = 1e-3, 0.05, 0.1
 WALL, CPU = 0, 1
 INCLUDED = (
     "vittune side: recipe -> `create_backbone` -> `ClassificationTask` -> the Trainer of"
-    " `vittune.trainer.build_trainer` (CSV logger, LearningRateMonitor, ModelCheckpoint, Lightning's"
+    " `vittune.training.trainer.build_trainer` (CSV logger, LearningRateMonitor, ModelCheckpoint, Lightning's"
     " default progress bar, loss logged every step, running train accuracy; W&B off). Plain side:"
     " forward, cross-entropy, backward, AdamW step, LambdaLR step. Same model, seed, batches"
     " (in-memory tensors), param groups, schedule, fp32 on CPU. ms per step = mean over the"

@@ -223,10 +223,10 @@ def run_vittune(
 ) -> Clock:
     from lightning.pytorch.callbacks import Callback  # noqa: PLC0415
 
-    from vittune.assembly import build  # noqa: PLC0415
     from vittune.data.datasets import SplitSamples  # noqa: PLC0415
     from vittune.recipe.schema import Recipe  # noqa: PLC0415
-    from vittune.trainer import build_trainer, monitor_of  # noqa: PLC0415
+    from vittune.tasks.assembly import build  # noqa: PLC0415
+    from vittune.training.trainer import build_trainer, monitor_of  # noqa: PLC0415
 
     total = cfg.warmup + cfg.steps + 1
     workers = 0 if batches == "device" else WORKERS[device]

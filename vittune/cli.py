@@ -64,7 +64,7 @@ def _train(command: str, recipe_path: str, overrides: list[str] | None, print_re
         if print_recipe:
             typer.echo(dump_recipe(recipe), nl=False)
             return
-        from vittune.run import fit
+        from vittune.training.run import fit
 
         result = fit(recipe, command, recipe_path, log=typer.echo)
         if result.export_path is not None:
@@ -113,7 +113,7 @@ def inspect(
     """Show the backbone, token grid, weights, teacher or decoder and parameter groups; no training."""
 
     def action() -> None:
-        from vittune.inspection import inspect_recipe
+        from vittune.inference.inspect import inspect_recipe
         from vittune.recipe.load import load_recipe
 
         if command not in (None, "finetune", "pretrain-mae", "distill"):
@@ -136,7 +136,7 @@ def prepare_data(
     """Write the recipe's images, split as training splits them, as litdata shards."""
 
     def action() -> None:
-        from vittune.prepare_data import prepare_data as write_shards
+        from vittune.data.prepare import prepare_data as write_shards
         from vittune.recipe.load import load_recipe
 
         loaded = load_recipe(recipe, overrides or [], command=None)
@@ -181,8 +181,8 @@ def evaluate(
     """Score a trained run on its test/val split, or on other data given as data.* overrides."""
 
     def action() -> None:
-        from vittune.evaluate import evaluate_run
         from vittune.evaluation.report import format_table
+        from vittune.inference.evaluate import evaluate_run
 
         result = evaluate_run(
             run, overrides or [], split, weights, name, temperature, device, token_merge
@@ -223,7 +223,7 @@ def predict(
     """Predict classes for images with a trained run; unreadable files are listed, not fatal."""
 
     def action() -> None:
-        from vittune.predict import predict_files
+        from vittune.inference.predict import predict_files
 
         result = predict_files(
             run, inputs, out, weights, batch_size, flip, threshold, top_k, device
@@ -254,7 +254,7 @@ def attention(
     """Attention maps of a trained ViT: last-block class-token attention and rollout."""
 
     def action() -> None:
-        from vittune.attention_report import attention_for_files
+        from vittune.inference.attention import attention_for_files
 
         written, failed = attention_for_files(run, images, out, weights, head_fusion, discard_ratio)
         typer.echo(f"vittune attention: {len(written)} image(s) -> {out}")
@@ -285,7 +285,7 @@ def export(
     """Export a trained run to ONNX or TorchScript, checked against PyTorch on its val images."""
 
     def action() -> None:
-        from vittune.deploy import export_run, format_table
+        from vittune.deploy.pipeline import export_run, format_table
 
         result = export_run(
             run,
@@ -331,7 +331,7 @@ def options(
 
 
 def main() -> None:
-    from vittune.noise import quiet_third_party
+    from vittune.training.noise import quiet_third_party
 
     quiet_third_party()  # here, not on import: library users keep their logging and warnings
     app(prog_name="vittune")

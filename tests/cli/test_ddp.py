@@ -13,8 +13,8 @@ from conftest import make_class_images, run_cli
 from helpers import ONE_THREAD, column, held_out, read_metrics, tiny, write_recipe
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, top_k_accuracy_score
 
-from vittune.assembly import build
 from vittune.recipe.load import load_recipe
+from vittune.tasks.assembly import build
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import yaml
 from conftest import run_cli
 from helpers import RECIPES, ROOT
 
-from vittune.inspection import inspect_recipe
+from vittune.inference.inspect import inspect_recipe
 from vittune.recipe.load import load_recipe
 
 

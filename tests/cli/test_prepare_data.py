@@ -13,7 +13,7 @@ import pytest
 from conftest import make_class_images, run_cli
 from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
 
-from vittune.prepare_data import prepare_data
+from vittune.data.prepare import prepare_data
 from vittune.recipe.load import load_recipe
 
 # Run by the test in place of the console script (and again by Lightning for the second DDP

@@ -15,9 +15,9 @@ from helpers import write_recipe
 
 from vittune.data.datamodule import ImageDataModule, scan_sources
 from vittune.data.decode import read_image
+from vittune.data.prepare import prepare_data
 from vittune.data.streaming import ItemDecoder, read_prepared
 from vittune.errors import DataError, RecipeError
-from vittune.prepare_data import prepare_data
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import AugmentConfig, DataConfig
 

@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 
+from vittune.deploy.timm_folder import export_config, write_export
 from vittune.errors import RecipeError
-from vittune.export import export_config, write_export
 from vittune.models.backbone import create_backbone
 from vittune.models.mae import (
     MaskedAutoencoder,

@@ -10,12 +10,12 @@ import pytest
 from conftest import TINY_VIT, make_class_images
 from helpers import expected_lr, read_metrics, tiny, write_recipe
 
-from vittune.assembly import build
 from vittune.optim.schedules import lr_multiplier
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import Recipe
-from vittune.run import fit
-from vittune.trainer import build_trainer
+from vittune.tasks.assembly import build
+from vittune.training.run import fit
+from vittune.training.trainer import build_trainer
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ from conftest import TINY_VIT
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, top_k_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 
-from vittune.losses import balanced_class_weights
 from vittune.recipe.schema import Recipe
 from vittune.tasks.classification import ClassificationTask
+from vittune.tasks.losses import balanced_class_weights
 from vittune.tasks.metrics import classification_metrics
 
 

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, TensorDataset
 
-from vittune.assembly import build
 from vittune.models.compiling import eager, is_compiled
 from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import MaeConfig, Recipe
-from vittune.run import fit
+from vittune.tasks.assembly import build
 from vittune.tasks.mae import MaeTask
+from vittune.training.run import fit
 
 # Compiled and eager runs differ only in the order of floating-point operations: inductor fuses
 # element-wise work and layer norms into other kernels and reduces in another order, which moves

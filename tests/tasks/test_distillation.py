@@ -21,13 +21,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.task import TokenDistillationTask
 from torch.utils.data import DataLoader, TensorDataset
 
+from vittune.deploy.timm_folder import export_config, write_export
 from vittune.errors import RecipeError, WeightsError
-from vittune.export import export_config, write_export
-from vittune.losses import deit_loss, distillation_term
 from vittune.models.heads import split_heads
 from vittune.models.teacher import FrozenTeacher, align_classes, build_teacher
 from vittune.recipe.schema import Recipe, TeacherConfig
 from vittune.tasks.distillation import DistillationTask
+from vittune.tasks.losses import deit_loss, distillation_term
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 CLASSES = ["cat", "dog", "eel"]

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 
 from vittune.errors import RecipeError
-from vittune.losses import WeightedSoftTargetCrossEntropy
 from vittune.recipe.schema import Recipe
 from vittune.tasks.classification import ClassificationTask
+from vittune.tasks.losses import WeightedSoftTargetCrossEntropy
 from vittune.tasks.metrics import classification_metrics
 
 

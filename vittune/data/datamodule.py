@@ -183,7 +183,16 @@ class ImageDataModule(L.LightningDataModule):
         if self.cfg.format == "litdata":
             from vittune.data.streaming import shard_dataset  # noqa: PLC0415 (needs litdata)
 
-            return shard_dataset(self, split, train)
+            return shard_dataset(
+                self.cfg,
+                self.found.splits[split],
+                split,
+                train,
+                self.train_transform if train else self.eval_transform,
+                len(self.classes),
+                self.in_chans,
+                self.corrupt_log,
+            )
         return ImageDataset(
             self.found.splits[split],
             num_classes=len(self.classes),

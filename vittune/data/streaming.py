@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,9 +41,6 @@ from vittune.data.datasets import (
 from vittune.data.decode import read_raw, to_float
 from vittune.errors import DataError
 from vittune.recipe.schema import DataConfig
-
-if TYPE_CHECKING:
-    from vittune.data.datamodule import ImageDataModule
 
 SCHEMA_VERSION = 1
 METADATA = "vittune.json"
@@ -263,21 +259,29 @@ class ShardImages(Dataset):
         return item, record["path"]
 
 
-def shard_dataset(datamodule: ImageDataModule, split: str, train: bool) -> Dataset:
-    """The data module's dataset of `split` from shards: the training stream, or images by index."""
-    cfg = datamodule.cfg
+def shard_dataset(
+    cfg: DataConfig,
+    samples: list[Sample],
+    split: str,
+    train: bool,
+    transform: Callable | None,
+    num_classes: int,
+    in_chans: int,
+    corrupt_log: CorruptLog | None,
+) -> Dataset:
+    """`split` of the shards under `cfg.root`: the training stream, or the images by index."""
     decoder = ItemDecoder(
-        datamodule.train_transform if train else datamodule.eval_transform,
-        num_classes=len(datamodule.classes),
-        in_chans=datamodule.in_chans,
+        transform,
+        num_classes=num_classes,
+        in_chans=in_chans,
         intensity=cfg.intensity,
         multi_label=cfg.multi_label,
         on_corrupt=cfg.on_corrupt,
         max_pixels=cfg.max_image_pixels,
-        corrupt_log=datamodule.corrupt_log,
+        corrupt_log=corrupt_log,
     )
     if not train:
-        return ShardImages(cfg.root, datamodule.found.splits[split], decoder)
+        return ShardImages(cfg.root, samples, decoder)
     # `seed_everything(trainer.seed)` leaves the seed here, in every DDP process alike: the
     # ranks must shuffle with one seed to share the chunks out without overlap.
     return streamed_images(cfg.root, split, decoder, int(os.environ.get("PL_GLOBAL_SEED", 0)))

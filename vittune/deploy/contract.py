@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from vittune.deploy.formats import INPUT_NAME, OUTPUT_NAME
-from vittune.run_folder import atomic_write
-from vittune.trained_run import TrainedRun
+from vittune.files import atomic_write
+from vittune.inference.trained_run import TrainedRun
 
 INTENSITY = {
     "dtype": "divide by the integer type's maximum (uint8 /255, uint16 /65535); signed types"

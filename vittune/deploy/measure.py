@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from vittune.assembly import Assembly
 from vittune.data.datamodule import scan_sources
 from vittune.data.datasets import SplitSamples
 from vittune.deploy.formats import Runner
 from vittune.errors import DataError
-from vittune.trained_run import TrainedRun, align_to_run
+from vittune.inference.trained_run import TrainedRun, align_to_run
+from vittune.tasks.assembly import Assembly
 
 
 @dataclass

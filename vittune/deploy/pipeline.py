@@ -43,8 +43,8 @@ from vittune.deploy.measure import (
     validation_samples,
 )
 from vittune.errors import RecipeError
-from vittune.run_folder import atomic_write
-from vittune.trained_run import build_trained, load_trained_run
+from vittune.files import atomic_write
+from vittune.inference.trained_run import build_trained, load_trained_run
 
 QUANTIZE_CHOICES = ("int8",)
 LATENCY_BATCHES = (1, 32)

@@ -1,6 +1,6 @@
 """Evaluation figures saved as PNG: confusion matrices, reliability diagram, ROC, mistakes.
 
-`vittune.plots` draws the single validation heat map during training; these are the fuller
+`vittune.tasks.figures` draws the single validation heat map during training; these are the fuller
 figures of `vittune evaluate`, drawn from an `EvaluationReport`'s parts.
 """
 

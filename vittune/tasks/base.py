@@ -92,7 +92,7 @@ class VitTask(L.LightningModule):
         if self.input_normalise is None:
             raise RuntimeError(
                 "an integer image batch reached the task but nothing normalises it; set "
-                "task.input_normalise = IntegerNormalise(mean, std) (vittune.assembly does)"
+                "task.input_normalise = IntegerNormalise(mean, std) (vittune.tasks.assembly does)"
             )
         images = self.input_normalise(images)
         if isinstance(batch, Tensor):

@@ -9,12 +9,11 @@ import torch
 from torch import nn
 from torchmetrics import ConfusionMatrix, Metric, MetricCollection
 
-from vittune.losses import build_mixup, eval_loss, label_loss
-from vittune.plots import save_confusion_matrix
 from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
+from vittune.tasks.figures import log_image, save_confusion_matrix
+from vittune.tasks.losses import build_mixup, eval_loss, label_loss
 from vittune.tasks.metrics import EvaluationMetrics, classification_metrics
-from vittune.tracking import log_image
 
 
 class ClassificationTask(VitTask):

@@ -8,7 +8,7 @@ student with one head (any other timm model) puts both terms on that head: the p
 
 timm's `TokenDistillationTask` computes the same loss, but it owns the student under its own
 attribute and runs the whole step itself; here Lightning runs the step and the student must
-stay `self.model` so that exports carry timm keys. The maths is in vittune.losses, the head
+stay `self.model` so that exports carry timm keys. The maths is in vittune.tasks.losses, the head
 reading in vittune.models.heads, the teacher in vittune.models.teacher; everything about
 metrics, mixing and evaluation logging is the classification task's.
 """
@@ -23,10 +23,10 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vittune.losses import deit_loss, distillation_term
 from vittune.models.heads import has_distillation_head, split_heads
 from vittune.recipe.schema import Recipe
 from vittune.tasks.classification import ClassificationTask
+from vittune.tasks.losses import deit_loss, distillation_term
 from vittune.tasks.metrics import EvaluationMetrics
 
 

@@ -19,10 +19,9 @@ from vittune.models.mae import (
     patchify,
     unpatchify,
 )
-from vittune.plots import save_mae_grid
 from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
-from vittune.tracking import log_image
+from vittune.tasks.figures import log_image, save_mae_grid
 
 VAL_MASK_SEED = 1234  # validation masks are the same every epoch, so val/loss is comparable
 MASKED_GREY = 0.5  # display value of removed patches in the reconstruction grid

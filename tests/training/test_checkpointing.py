@@ -18,15 +18,15 @@ from conftest import make_class_images, run_cli
 from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
 from safetensors.torch import load_file
 
+from vittune.files import atomic_write
 from vittune.models.weights import read_state_dict
-from vittune.run_folder import atomic_write
 
 # Saves a 16 MB tensor that holds its own sequence number, as fast as it can, through the
 # same atomic write the checkpoint plugin uses; says "ready" after the first save.
 SAVER = """
 import sys, torch
 from pathlib import Path
-from vittune.run_folder import atomic_write
+from vittune.files import atomic_write
 target, first = Path(sys.argv[1]), int(sys.argv[2]) + 1
 for n in range(first, first + 10_000):
     content = {"n": n, "weights": torch.full((4_000_000,), float(n))}

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vittune.assembly import Assembly, build
 from vittune.data.datasets import Sample, SplitSamples
 from vittune.errors import DataError, RecipeError
 from vittune.models.run_config import read_run_config
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import Recipe
+from vittune.tasks.assembly import Assembly, build
 
 WEIGHT_CHOICES = ("best", "last")
 

@@ -20,9 +20,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vittune.errors import Preempted
-from vittune.resume import LAST, ResumePoint
-from vittune.run_folder import atomic_write
-from vittune.tracking import summarize_run
+from vittune.files import atomic_write
+from vittune.training.resume import LAST, ResumePoint
+from vittune.training.tracking import summarize_run
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

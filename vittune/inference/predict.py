@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from vittune.data.decode import read_image
 from vittune.errors import DataError, RecipeError
-from vittune.evaluate import device_for
 from vittune.evaluation.inputs import expand_inputs
 from vittune.evaluation.prediction_csv import write_predictions
-from vittune.trained_run import build_trained, load_trained_run
+from vittune.inference.evaluate import device_for
+from vittune.inference.trained_run import build_trained, load_trained_run
 
 
 @dataclass

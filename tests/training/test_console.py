@@ -17,7 +17,7 @@ from helpers import ONE_THREAD, RECIPES, column, read_metrics, tiny
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
-from vittune.console import EpochLines, console_callbacks
+from vittune.training.console import EpochLines, console_callbacks
 
 EPOCHS = 3
 LINE = re.compile(

@@ -12,16 +12,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
 
-from vittune.checkpointing import (
+from vittune.recipe.schema import Recipe
+from vittune.tasks.base import VitTask
+from vittune.training.checkpointing import (
     AtomicCheckpointIO,
     BestCheckpoint,
     LatestCheckpoint,
     best_filename,
 )
-from vittune.console import console_callbacks
-from vittune.recipe.schema import Recipe
-from vittune.tasks.base import VitTask
-from vittune.tracking import build_loggers
+from vittune.training.console import console_callbacks
+from vittune.training.tracking import build_loggers
 
 
 def default_precision(accelerator: str) -> str:

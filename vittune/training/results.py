@@ -13,8 +13,8 @@ from pathlib import Path
 
 import lightning as L
 
-from vittune.assembly import Assembly
-from vittune.checkpointing import BestCheckpoint
+from vittune.tasks.assembly import Assembly
+from vittune.training.checkpointing import BestCheckpoint
 
 
 def test_weights(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from conftest import TINY_VIT, make_class_images
 
-from vittune.assembly import build
 from vittune.recipe.schema import Recipe
-from vittune.trainer import build_trainer
+from vittune.tasks.assembly import build
+from vittune.training.trainer import build_trainer
 
 
 def test_early_stopping_with_max_steps_ending_mid_epoch(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Figures saved into the run folder (and logged to W&B): confusion matrices."""
+"""Figures a task saves into the run folder during training, and their logging to W&B."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.loggers import Logger, WandbLogger  # noqa: E402
 
 
 def save_confusion_matrix(
@@ -74,3 +75,10 @@ def save_mae_grid(columns: dict[str, torch.Tensor], path: Path, title: str = "")
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def log_image(loggers: list[Logger], key: str, path: Path, step: int | None = None) -> None:
+    """Send a saved PNG to every logger that takes images (W&B); the file stays in the run folder."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=step)

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from vittune.attention import (
+from vittune.models.attention import (
     attention_maps,
     attention_rollout,
     capture_attention,

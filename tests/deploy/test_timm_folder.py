@@ -19,14 +19,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vittune.assembly import Assembly, build
 from vittune.data.decode import read_image
+from vittune.deploy.timm_folder import export_best, export_config, model_card, write_export
 from vittune.errors import WeightsError
-from vittune.export import export_best, export_config, model_card, write_export
 from vittune.models.backbone import create_backbone
 from vittune.models.weights import resolve_weight_file
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import ModelConfig, Recipe
+from vittune.tasks.assembly import Assembly, build
 
 # A grey, non-square run with its own statistics: every default timm would guess is wrong.
 SIZE, MEAN, STD = (32, 48), (0.3,), (0.25,)

@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import ResPostBlock
 
 from vittune.errors import RecipeError
-from vittune.token_merging import (
+from vittune.models.token_merging import (
     attention_with_keys,
     bipartite_merge,
     merged_features,

@@ -19,11 +19,11 @@ from conftest import make_class_images
 from helpers import run_cli_unset, tiny, write_recipe
 from lightning.pytorch.loggers import WandbLogger
 
-from vittune import tracking
 from vittune.errors import RecipeError, WeightsError
 from vittune.models import weights
 from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 from vittune.recipe.schema import LoggingConfig
+from vittune.training import tracking
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, as wandb expects
 

@@ -10,7 +10,7 @@ from conftest import make_class_images
 from helpers import tiny, write_recipe
 
 from vittune.recipe.load import load_recipe
-from vittune.run import fit
+from vittune.training.run import fit
 
 # Full-batch epochs without augmentation or dropout make both runs see the same numbers in the
 # same order; only the resume differs. A mis-mapped Adam state moves weights by ~lr per step.

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import string
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vittune.errors import RecipeError, VittuneError
+from vittune.files import atomic_write, claim_fresh_folder, make_folder
 
 RUN_DIR_ENV = "VITTUNE_RUN_DIR"  # the folder, for the DDP children Lightning launches
 RUN_DIR_PARENT_ENV = "VITTUNE_RUN_DIR_PARENT"  # pid of the process that made the folder
@@ -52,33 +52,6 @@ def inherited_run_dir() -> Path | None:
     return None
 
 
-RUN_DIR_FIX = "point logging.run_dir at a writable folder"
-
-
-def _make_folder(path: Path, kind: str = "run folder", fix: str = RUN_DIR_FIX) -> bool:
-    """mkdir that reports whether it made the folder; a user error when it cannot."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir()
-        return True
-    except FileExistsError:
-        return False
-    except OSError as err:
-        raise RecipeError(f"cannot create {kind} {path}: {err.strerror}; {fix}") from None
-
-
-def claim_fresh_folder(
-    base: Path, name: str, kind: str = "run folder", fix: str = RUN_DIR_FIX
-) -> Path:
-    """`base/name`, else `name-2`, `name-3`...: never an existing folder. `mkdir` without
-    `exist_ok` claims a name atomically, so two processes at once get different folders."""
-    candidate, suffix = base / name, 1
-    while not _make_folder(candidate, kind, fix):
-        suffix += 1
-        candidate = base / f"{name}-{suffix}"
-    return candidate
-
-
 def prepare_run_dir(recipe_name: str | None, run_dir: str, stem: str, reuse: bool) -> RunFolder:
     """A run folder: shared with DDP children, reused for `resume_from: auto`, else fresh.
 
@@ -93,7 +66,7 @@ def prepare_run_dir(recipe_name: str | None, run_dir: str, stem: str, reuse: boo
     if launched_rank() > 0:  # torchrun / SLURM / other nodes: only rank 0 creates the folder
         return RunFolder(base / name, created=False, owner=False)
     if reuse:  # `trainer.resume_from: auto` continues in the folder the name gives
-        folder = RunFolder(base / name, created=_make_folder(base / name), owner=True)
+        folder = RunFolder(base / name, created=make_folder(base / name), owner=True)
     else:
         folder = RunFolder(claim_fresh_folder(base, name), created=True, owner=True)
     _check_writable(folder)
@@ -149,37 +122,3 @@ def wandb_run_id(folder: RunFolder) -> str | None:
     run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     atomic_write(path, lambda temp: temp.write_text(run_id + "\n"))
     return run_id
-
-
-def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644) -> None:
-    """Write `path` so that readers (and a crash at any moment) see the old file or the new one.
-
-    The temporary file lives in the destination folder, so `os.replace` is a rename within
-    one filesystem (a temp file in $TMPDIR is copied across filesystems instead, and a kill
-    during the copy truncates the destination). fsync before the rename makes the content
-    durable before the name points at it; fsync of the folder makes the rename durable.
-    """
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
-        write(temp)
-        _fsync(temp)
-        os.chmod(temp, mode)  # mkstemp makes 0600 files; exports are meant to be shared
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync(folder)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -17,27 +17,27 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vittune.assembly import build
-from vittune.callbacks import GradualUnfreeze
-from vittune.checkpointing import (
+from vittune.deploy.timm_folder import export_best
+from vittune.errors import Preempted, RecipeError
+from vittune.files import atomic_write
+from vittune.recipe.load import dump_recipe
+from vittune.recipe.schema import Command, Recipe
+from vittune.tasks.assembly import build
+from vittune.tasks.callbacks import GradualUnfreeze
+from vittune.training.checkpointing import (
     PreemptionGuard,
     carry_best,
 )
-from vittune.errors import Preempted, RecipeError
-from vittune.export import export_best
-from vittune.recipe.load import dump_recipe
-from vittune.recipe.schema import Command, Recipe
-from vittune.results import test_weights, write_metrics_json
-from vittune.resume import OptimizerCheck, ResumePoint, check_model_fits, resolve_resume
-from vittune.run_folder import (
+from vittune.training.results import test_weights, write_metrics_json
+from vittune.training.resume import OptimizerCheck, ResumePoint, check_model_fits, resolve_resume
+from vittune.training.run_folder import (
     RunFolder,
-    atomic_write,
     prepare_run_dir,
     release_run_dir,
     removed_on_user_error,
     wandb_run_id,
 )
-from vittune.trainer import build_trainer, monitor_of
+from vittune.training.trainer import build_trainer, monitor_of
 
 
 @dataclass
@@ -185,7 +185,7 @@ def log_tests(
 ) -> None:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
     calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
-    from vittune.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
+    from vittune.inference.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
 
     for name, values in tests.items():
         weights = "last" if name == "test_last" else "best"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vittune.assembly import Assembly, build
 from vittune.data.datamodule import scan_sources
 from vittune.data.datasets import SplitSamples
 from vittune.errors import DataError, WeightsError
 from vittune.models.backbone import count_parameters
 from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.schema import Command, Recipe
+from vittune.tasks.assembly import Assembly, build
 from vittune.tasks.base import effective_lr
 
 STAND_IN_CLASSES = ["class_0", "class_1"]

@@ -19,12 +19,12 @@ from ckpt_helpers import cli_env, one_line_error
 from conftest import VITTUNE, make_class_images, run_cli
 from helpers import ONE_THREAD, tiny, write_recipe
 
-from vittune.assembly import build
 from vittune.errors import RecipeError, WeightsError
 from vittune.models.weights import resolve_weight_file
 from vittune.recipe.load import load_recipe
-from vittune.resume import check_model_fits, read_resume_point, resolve_resume
-from vittune.run_folder import RUN_DIR_ENV, RUN_DIR_PARENT_ENV, prepare_run_dir
+from vittune.tasks.assembly import build
+from vittune.training.resume import check_model_fits, read_resume_point, resolve_resume
+from vittune.training.run_folder import RUN_DIR_ENV, RUN_DIR_PARENT_ENV, prepare_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from conftest import make_class_images, run_cli
 from helpers import ONE_THREAD, tiny, write_recipe
 
 from vittune.data.datamodule import scan_sources
-from vittune.deploy import export_run
 from vittune.deploy.formats import (
     Normalised,
     export_onnx,
@@ -27,10 +26,11 @@ from vittune.deploy.formats import (
     load_runner,
     require_extra,
 )
+from vittune.deploy.pipeline import export_run
 from vittune.errors import RecipeError
+from vittune.inference.trained_run import build_trained, load_trained_run
 from vittune.models.heads import split_heads
 from vittune.recipe.load import load_recipe
-from vittune.trained_run import build_trained, load_trained_run
 
 TOLERANCE = 1e-4  # fp32 export vs PyTorch, largest absolute logit difference
 INT8_AGREEMENT = 0.9  # int8 variant vs fp32: share of validation images with the same top-1

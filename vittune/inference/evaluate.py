@@ -29,8 +29,8 @@ from vittune.evaluation.figures import (
 )
 from vittune.evaluation.prediction_csv import write_predictions
 from vittune.evaluation.report import EvaluationReport, build_report
-from vittune.run_folder import claim_fresh_folder
-from vittune.trained_run import TrainedRun, align_to_run, build_trained, load_trained_run
+from vittune.files import claim_fresh_folder
+from vittune.inference.trained_run import TrainedRun, align_to_run, build_trained, load_trained_run
 
 SPLITS = ("auto", "train", "val", "test", "all")
 
@@ -112,7 +112,7 @@ def token_merging_table(
 ) -> list[dict]:
     """Top-1 and images per second (model forward only, decoding excluded) for r = 0 and each
     r of `merges`, on the same images; one row per r."""
-    from vittune.token_merging import check_supported, token_merging, tokens_left  # noqa: PLC0415
+    from vittune.models.token_merging import check_supported, token_merging, tokens_left  # noqa: PLC0415
 
     model = task.model
     check_supported(model)

@@ -15,17 +15,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from vittune.callbacks import AttentionMaps, GradualUnfreeze
 from vittune.data.datamodule import ImageDataModule, scan_sources
 from vittune.data.datasets import SplitSamples
 from vittune.errors import DataError, RecipeError
-from vittune.losses import balanced_class_weights
 from vittune.models.backbone import LoadReport, create_backbone
 from vittune.models.freezing import apply_freeze, frozen_blocks_at
 from vittune.models.normalisation import resolve_normalisation
 from vittune.recipe.schema import Command, Recipe
 from vittune.tasks.base import VitTask
+from vittune.tasks.callbacks import AttentionMaps, GradualUnfreeze
 from vittune.tasks.classification import ClassificationTask
+from vittune.tasks.losses import balanced_class_weights
 
 
 @dataclass

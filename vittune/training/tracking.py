@@ -126,13 +126,6 @@ def summarize_run(loggers: list[Logger], values: dict[str, float | int]) -> None
             logger.experiment.summary.update(values)
 
 
-def log_image(loggers: list[Logger], key: str, path: Path, step: int | None = None) -> None:
-    """Send a saved PNG to every logger that takes images (W&B); the file stays in the run folder."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(path)], step=step)
-
-
 class AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, but a metrics.csv already in the folder is continued, not deleted.
 

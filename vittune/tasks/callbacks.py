@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from vittune.attention import attention_maps
-from vittune.attention_report import display_image, save_attention_figure
+from vittune.evaluation.attention_figures import display_image, save_attention_figure
+from vittune.models.attention import attention_maps
 from vittune.models.compiling import eager
 from vittune.models.freezing import frozen_parameter_names
 from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.schema import FreezeConfig, OptimConfig
-from vittune.tracking import log_image
+from vittune.tasks.figures import log_image
 
 
 class GradualUnfreeze(Callback):

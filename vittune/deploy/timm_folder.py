@@ -30,12 +30,12 @@ from timm.layers import to_2tuple
 from timm.models._hub import generate_readme, save_config_for_hf
 from torch import nn
 
+from vittune.files import atomic_write
 from vittune.models.weights import read_state_dict
 from vittune.recipe.schema import Command, Recipe
-from vittune.run_folder import atomic_write
 
 if TYPE_CHECKING:  # the assembly imports every task; an export needs none of them
-    from vittune.assembly import Assembly
+    from vittune.tasks.assembly import Assembly
 
 # vittune's evaluation resize (data/transforms.py: albumentations' Resize, cv2.INTER_LINEAR),
 # applied to the whole image: no crop, so crop_pct 1.0 and a centre "crop" that keeps it all.
