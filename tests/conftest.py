@@ -109,3 +109,36 @@ def digits_root(vittune_cache: Path) -> Path:
     from vittune.data.builtin import export_digits
 
     return export_digits()
+
+
+TRAINED_RUN_CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-class grey run on data with train/val/test folders (test scored at the end).
+
+    Shared by every test that needs a trained run (evaluate, predict, attention, export): one
+    tiny training for the session instead of one per module. Tests may add files beside it
+    (eval/, export/) but must not change what training wrote.
+    """
+    root = tmp_path_factory.mktemp("evaluate")
+    for split, count, seed in [("train", 16, 0), ("val", 5, 1), ("test", 7, 2)]:
+        make_class_images(
+            root / "data" / split, dict.fromkeys(TRAINED_RUN_CLASSES, count), seed=seed
+        )
+    recipe = root / "r.yaml"
+    recipe.write_text(f"data:\n  root: {root / 'data'}\n")
+    overrides = (
+        *TINY_OVERRIDES,
+        "trainer.max_epochs=3",
+        "data.batch_size=8",
+        "model.in_chans=1",
+        "checkpoint.test_last=true",
+        "logging.attention_every_n_epochs=3",
+        "logging.name=run",
+    )
+    result = run_cli("finetune", str(recipe), *overrides, cwd=root, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test (best weights): " in result.stdout and "test_last (last weights)" in result.stdout
+    return root / "runs" / "run"

@@ -7,19 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_class_images, run_cli
-from helpers import ONE_THREAD, tiny, write_recipe
+from conftest import run_cli
+from helpers import ONE_THREAD
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export-cli")
-    make_class_images(root / "data", dict.fromkeys(["a", "b"], 10))
-    recipe = write_recipe(root / "r.yaml", {"data": {"root": str(root / "data")}})
-    overrides = tiny("model.in_chans=1", "trainer.max_epochs=1", "logging.name=run")
-    result = run_cli("finetune", str(recipe), *overrides, cwd=root, env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "runs" / "run"
+def run_dir(trained_run: Path) -> Path:
+    return trained_run
 
 
 def test_export_onnx_int8_prints_the_check_and_the_table(run_dir: Path) -> None:
@@ -28,7 +22,7 @@ def test_export_onnx_int8_prints_the_check_and_the_table(run_dir: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     folder = run_dir / "export"
-    assert f"vittune export: {folder / 'model.onnx'} matches PyTorch on 2 validation images" in (
+    assert f"vittune export: {folder / 'model.onnx'} matches PyTorch on 15 validation images" in (
         result.stdout
     )
     rows = {line.split()[0] + " " + line.split()[1] for line in result.stdout.splitlines()[3:6]}

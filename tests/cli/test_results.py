@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from conftest import make_class_images, run_cli
-from helpers import ONE_THREAD, tiny, write_recipe
+from helpers import ONE_THREAD
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
@@ -24,24 +24,8 @@ CLASSES = ["a", "b", "c"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 3-class run on data with train/val/test folders (test tested at the end)."""
-    root = tmp_path_factory.mktemp("evaluate")
-    for split, count, seed in [("train", 16, 0), ("val", 5, 1), ("test", 7, 2)]:
-        make_class_images(root / "data" / split, dict.fromkeys(CLASSES, count), seed=seed)
-    recipe = write_recipe(root / "r.yaml", {"data": {"root": str(root / "data")}})
-    overrides = tiny(
-        "trainer.max_epochs=3",
-        "data.batch_size=8",
-        "model.in_chans=1",
-        "checkpoint.test_last=true",
-        "logging.attention_every_n_epochs=3",
-        "logging.name=run",
-    )
-    result = run_cli("finetune", str(recipe), *overrides, cwd=root, env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "test (best weights): " in result.stdout and "test_last (last weights)" in result.stdout
-    return root / "runs" / "run"
+def trained(trained_run: Path) -> Path:
+    return trained_run
 
 
 def rows(path: Path) -> list[dict[str, str]]:
