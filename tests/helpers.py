@@ -109,3 +109,28 @@ def held_out(count: int, fraction: float) -> int:
     if count < 2:
         return 0
     return min(count - 1, max(1, round(count * fraction)))
+
+
+def run_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The `vittune` command run inside this test process through typer's runner: the same
+    app, error handling and exit codes as the console script, without paying for a Python
+    start-up and the imports each time. One test per path still runs the real script
+    (`run_cli`); this serves the many cases of the same path. The environment and the working
+    folder are restored afterwards."""
+    from typer.testing import CliRunner
+
+    from vittune.cli import app
+
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, list(args), prog_name="vittune")
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(
+        ["vittune", *args], result.exit_code, result.stdout, result.stderr
+    )
