@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import TINY_OVERRIDES, make_class_images, run_cli
-from helpers import ROOT
+from helpers import ROOT, run_in_process
 from safetensors.torch import save_file
 
 from vittune.models.weights import read_state_dict
@@ -263,7 +263,8 @@ def test_hub_weights_from_offline_cache_are_resampled(workspace, tmp_path):
     ],
 )
 def test_transfer_settings_errors_are_one_line(workspace, override, message):
-    result = run_cli("finetune", "base.yaml", *TINY_OVERRIDES, override, cwd=workspace)
+    # Same path as tests/cli/test_errors.py's console-script case: run in this process.
+    result = run_in_process("finetune", "base.yaml", *TINY_OVERRIDES, override, cwd=workspace)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
