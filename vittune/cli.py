@@ -371,9 +371,8 @@ def lr_find(
     """Learning-rate range test that keeps layer decay and group ratios; prints optim.lr=..."""
 
     def action() -> None:
-        from vittune.search.lr_find import run_lr_find
-
         from vittune.recipe.load import load_recipe
+        from vittune.search.lr_find import run_lr_find
 
         loaded = load_recipe(recipe, overrides or [], command=None)
         run_lr_find(loaded, loaded.task or "finetune", steps, min_lr, max_lr, plot, log=typer.echo)
