@@ -107,7 +107,6 @@ def run_trial(
 
     name = f"trial-{trial.number:03d}"
     values = suggest(trial, recipe.sweep.space)
-    trial.set_user_attr("run_folder", str(sweep_dir / name))
     shown = "  ".join(f"{k}={_short(v)}" for k, v in values.items())
     log(f"vittune sweep: trial {trial.number}: {shown}")
     reporter = ReportEpochs(trial, monitor)
@@ -115,6 +114,7 @@ def run_trial(
     try:
         with heartbeat(trial, recipe.sweep.heartbeat_s):
             chosen = trial_recipe(recipe, command, values, sweep_dir, name, sweep_dir.name)
+            trial.set_user_attr("run_folder", str(sweep_dir / name))
             result = fit(chosen, command, recipe_path, log=log, callbacks=[reporter])
     except VittuneError as err:
         raise _failed(trial, str(err).strip()) from None

@@ -7,6 +7,7 @@ Optuna calls, and a trial's values become a full recipe that the ordinary run pa
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,14 +95,18 @@ def set_at(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def recipe_start(recipe: Recipe, space: dict[str, SpaceEntry]) -> dict[str, Any]:
-    """The recipe's own values of the space keys that lie inside the space (trial 0)."""
+    """The recipe's own values of the space keys that lie inside the space (trial 0). A choice
+    matches as the schema stores it (`img_size` 48 is the recipe's [48, 48])."""
     raw = recipe.model_dump(mode="json")
     start: dict[str, Any] = {}
     for key, entry in space.items():
         value = value_at(raw, key)
         if entry.kind == "choice":
-            inside = value in entry.choice
-        elif entry.kind == "int":
+            matches = [c for c in entry.choice if _as_stored(raw, key, c) == value]
+            if matches:
+                start[key] = matches[0]
+            continue
+        if entry.kind == "int":
             inside = isinstance(value, int) and entry.int[0] <= value <= entry.int[1]
         else:
             low, high = getattr(entry, entry.kind)
@@ -111,6 +116,16 @@ def recipe_start(recipe: Recipe, space: dict[str, SpaceEntry]) -> dict[str, Any]
         if inside:
             start[key] = value
     return start
+
+
+def _as_stored(raw: dict[str, Any], key: str, value: Any) -> Any:
+    """`value` at `key` as the validated recipe stores it (None when the schema refuses it)."""
+    probe = copy.deepcopy(raw)
+    set_at(probe, key, value)
+    try:
+        return value_at(Recipe.model_validate(probe).model_dump(mode="json"), key)
+    except ValidationError:
+        return None
 
 
 def trial_recipe(

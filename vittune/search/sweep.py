@@ -96,7 +96,8 @@ def run_sweep(
     )
     if created:
         study.set_metric_names([monitor])  # the figures' axis label
-    if created and cfg.start_from_recipe and (start := recipe_start(recipe, cfg.space)):
+    start = recipe_start(recipe, cfg.space) if created and cfg.start_from_recipe else {}
+    if start and (cfg.sampler != "grid" or len(start) == len(cfg.space)):  # grid: all or none
         study.enqueue_trial(start, user_attrs={"start": "recipe"}, skip_if_exists=True)
     where = storage or str(sweep_dir / "study.journal")
     log(
