@@ -269,7 +269,7 @@ class SweepConfig(Section):
     seed: int | None = None  # the sampler's seed; None: trainer.seed
     # trials that finish before TPE models the space and before the median pruner prunes
     startup_trials: int = Field(2, ge=0)
-    prune_after_epochs: int = Field(1, ge=0)  # no trial is pruned before this many epochs
+    prune_after_epochs: int = Field(1, ge=1)  # epochs every trial trains before it can be pruned
     # trial 0 trains the recipe's own values (when they lie in the space): the start to beat
     start_from_recipe: bool = True
     # a running trial writes a heartbeat this often; one silent for 3x as long is failed and

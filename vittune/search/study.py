@@ -73,12 +73,14 @@ def make_sampler(cfg: SweepConfig, seed: int | None) -> Any:
 
 
 def make_pruner(cfg: SweepConfig, max_epochs: int) -> Any:
-    """Pruning compares the per-epoch monitor (reported at step = epoch)."""
+    """Pruning compares the per-epoch monitor (reported at step = epoch - 1); a trial trains
+    `prune_after_epochs` epochs before it can be stopped."""
     import optuna
 
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.prune_after_epochs
+            n_startup_trials=cfg.startup_trials,
+            n_warmup_steps=max(0, cfg.prune_after_epochs - 1),
         )
     if cfg.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(

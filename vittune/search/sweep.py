@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,10 +96,14 @@ def run_sweep(
         recipe.trainer.max_epochs,
     )
     if created:
-        study.set_metric_names([monitor])  # the figures' axis label
-    start = recipe_start(recipe, cfg.space) if created and cfg.start_from_recipe else {}
-    if start and (cfg.sampler != "grid" or len(start) == len(cfg.space)):  # grid: all or none
-        study.enqueue_trial(start, user_attrs={"start": "recipe"}, skip_if_exists=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "experimental" since Optuna 3.2
+            study.set_metric_names([monitor])  # the figures' axis label
+    # trial 0 = the recipe's own values; a grid runs every point anyway (and Optuna's grid
+    # does not count an enqueued point as visited, so it would run twice)
+    if created and cfg.start_from_recipe and cfg.sampler != "grid":
+        if start := recipe_start(recipe, cfg.space):
+            study.enqueue_trial(start, user_attrs={"start": "recipe"}, skip_if_exists=True)
     where = storage or str(sweep_dir / "study.journal")
     log(
         f"vittune sweep: study {sweep_dir.name} ({'new' if created else 'continued'}, {where});"
