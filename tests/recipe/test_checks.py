@@ -45,8 +45,16 @@ def load_error(tmp_path: Path, command: str, *overrides: str) -> str:
         # sweep.space: every key a recipe key, every end of a range a value the recipe accepts
         ("finetune", [f"sweep.space={{{SPACE_LR}, optim.lrr: {{uniform: [0, 1]}}}}"], LRR),
         ("finetune", ["sweep.space={optim.layer_decay: {uniform: [0.5, 1.5]}}"], "value 1.5 is"),
-        ("finetune", ["sweep.space={augment.preset: {choice: [light, huge]}}"], "'huge' is refused"),
-        ("finetune", ["sweep.space={optim.name: {choice: [adamw, adamx]}}"], "did you mean 'adamax'"),
+        (
+            "finetune",
+            ["sweep.space={augment.preset: {choice: [light, huge]}}"],
+            "'huge' is refused",
+        ),
+        (
+            "finetune",
+            ["sweep.space={optim.name: {choice: [adamw, adamx]}}"],
+            "did you mean 'adamax'",
+        ),
         ("finetune", ["sweep.space={model.patch_size: {int: [7, 8]}}"], "divisible by model.patch"),
         ("finetune", ["sweep.space={logging.name: {choice: [a, b]}}"], "set by the sweep itself"),
         ("finetune", ["sweep.space={optim.lr: {loguniform: [0, 1]}}"], "positive low end"),

@@ -65,7 +65,9 @@ def test_sweep_only_rules(tmp_path: Path) -> None:
         sweep_config(load_recipe(write_recipe(tmp_path / "plain.yaml", BASE)))
     grid = load_recipe(
         tmp_path / "r.yaml",
-        ["sweep.space={model.kwargs.depth: {int: [1, 3]}, augment.preset: {choice: [none, light]}}"],
+        [
+            "sweep.space={model.kwargs.depth: {int: [1, 3]}, augment.preset: {choice: [none, light]}}"
+        ],
     )
     assert grid_of(grid.sweep.space) == {
         "model.kwargs.depth": [1, 2, 3],

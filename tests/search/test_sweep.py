@@ -7,7 +7,6 @@ and best_recipe.yaml is trained again to the same number.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import numpy as np

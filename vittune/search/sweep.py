@@ -101,9 +101,9 @@ def run_sweep(
             study.set_metric_names([monitor])  # the figures' axis label
     # trial 0 = the recipe's own values; a grid runs every point anyway (and Optuna's grid
     # does not count an enqueued point as visited, so it would run twice)
-    if created and cfg.start_from_recipe and cfg.sampler != "grid":
-        if start := recipe_start(recipe, cfg.space):
-            study.enqueue_trial(start, user_attrs={"start": "recipe"}, skip_if_exists=True)
+    starts = created and cfg.start_from_recipe and cfg.sampler != "grid"
+    if starts and (start := recipe_start(recipe, cfg.space)):
+        study.enqueue_trial(start, user_attrs={"start": "recipe"}, skip_if_exists=True)
     where = storage or str(sweep_dir / "study.journal")
     log(
         f"vittune sweep: study {sweep_dir.name} ({'new' if created else 'continued'}, {where});"
