@@ -27,7 +27,7 @@ def sweep_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_class_images(tmp_path_factory.mktemp("sweep") / "data", {"a": 20, "b": 20, "c": 20})
 
 
-def sweep_recipe(tmp_path: Path, data: Path, *extra: str):
+def sweep_recipe(tmp_path: Path, data: Path, *extra: str, drop: tuple[str, ...] = ()):
     path = write_recipe(tmp_path / "tiny.yaml", {"model": {"in_chans": 1}})
     overrides = tiny(
         f"data.root={data}",
@@ -40,6 +40,7 @@ def sweep_recipe(tmp_path: Path, data: Path, *extra: str):
         f"logging.run_dir={tmp_path / 'runs'}",
         "logging.name=tiny",
         *extra,
+        drop=drop,
     )
     return path, load_recipe(path, overrides)
 
@@ -139,3 +140,24 @@ def test_pruning_stops_bad_trials_early_and_failures_are_recorded(
     (row,) = read_trials(tmp_path / "runs" / "blowup")
     assert row["state"] == "fail" and "loss became NaN or infinite in epoch 0" in row["reason"]
     assert result.best_number is None and not (result.sweep_dir / "best_recipe.yaml").exists()
+
+
+@pytest.mark.slow
+def test_each_trial_logs_to_its_own_wandb_run(tmp_path: Path, sweep_data: Path) -> None:
+    space = "sweep.space={optim.lr: {choice: [1.0e-3, 2.0e-3]}}"
+    path, recipe = sweep_recipe(
+        tmp_path,
+        sweep_data,
+        space,
+        "sweep.sampler=grid",
+        "trainer.max_epochs=1",
+        drop=("logging.wandb",),
+    )  # W&B on, offline (conftest sets WANDB_MODE)
+    run_sweep(recipe, "finetune", path, trials=2, log=lambda _: None)
+    ids = []
+    for trial in ("trial-000", "trial-001"):
+        folder = tmp_path / "runs" / "tiny-sweep" / trial
+        run_id = (folder / "wandb_id").read_text().strip()
+        assert list((folder / "wandb").glob(f"offline-run-*-{run_id}")), trial
+        ids.append(run_id)
+    assert ids[0] != ids[1]  # the second trial did not log into the first trial's run
