@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vittune.errors import Preempted, RecipeError
+from vittune.errors import Preempted, RecipeError, VittuneError
 from vittune.recipe.schema import Command, Recipe
 from vittune.search.objective import TrialFailed, run_trial
 from vittune.search.space import grid_of, recipe_start, sweep_config
@@ -75,7 +75,12 @@ def run_sweep(
 ) -> SweepResult:
     """Run trials until the study has `trials` (default `sweep.trials`) finished ones, then
     write the sweep folder's report (trials.csv, best_recipe.yaml, figures)."""
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise VittuneError(
+            "vittune sweep needs Optuna; install it with: pip install 'vittune[sweep]'"
+        ) from None
 
     from vittune.search.report import write_report
 
