@@ -112,9 +112,11 @@ def open_study(
         study_name=name, storage=storage, sampler=make_sampler(cfg, None), pruner=pruner
     )
     if study.direction.name.lower() != direction:
+        wants = "maximise" if direction == "maximize" else "minimise"
         raise RecipeError(
-            f"study {name!r} {study.direction.name.lower()}imises its objective but this recipe's"
-            f" checkpoint.mode is {direction[:3]}; use the same monitor and mode, or another --study"
+            f"study {name!r} was created to {'minimise' if wants == 'maximise' else 'maximise'} its"
+            f" objective, this recipe's checkpoint.mode would {wants} it; use the study's monitor"
+            " and mode, or another --study"
         )
     return study, False
 
