@@ -116,6 +116,7 @@ def run_trial(
             chosen = trial_recipe(recipe, command, values, sweep_dir, name, sweep_dir.name)
             trial.set_user_attr("run_folder", str(sweep_dir / name))
             result = fit(chosen, command, recipe_path, log=log, callbacks=[reporter])
+            trial.set_user_attr("run_folder", str(result.run_dir))  # `trial-007-2` if taken
     except VittuneError as err:
         raise _failed(trial, str(err).strip()) from None
     except TrialFailed as err:
