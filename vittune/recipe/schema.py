@@ -9,7 +9,14 @@ from __future__ import annotations
 import builtins
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 Command = Literal["finetune", "pretrain-mae", "distill"]
 
@@ -251,6 +258,11 @@ class SpaceEntry(Section):
         if kind == "loguniform" and low <= 0:
             raise ValueError(f"loguniform needs a positive low end (got {low})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_its_kind(self, handler: Any) -> dict[str, Any]:
+        """Dumped as written (`{loguniform: [1.0e-5, 1.0e-3]}`), without the unused kinds."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @property
     def kind(self) -> str:
