@@ -318,6 +318,68 @@ def show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+@app.command()
+def sweep(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Finished trials the study aims for (sweep.trials).")
+    ] = None,
+    study: Annotated[
+        str | None,
+        typer.Option(help="Study name and folder under logging.run_dir (shared by workers)."),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna RDB URL or journal file (default: in the sweep folder)."),
+    ] = None,
+    wandb_sweep: Annotated[
+        str | None,
+        typer.Option("--wandb-sweep", help="Write an equivalent W&B sweep YAML and exit."),
+    ] = None,
+) -> None:
+    """Search the recipe's sweep.space with Optuna; each trial is a run folder (docs/sweeps.md)."""
+
+    def action() -> None:
+        from vittune.recipe.load import load_recipe
+
+        loaded = load_recipe(recipe, overrides or [], command=None)
+        command = loaded.task or "finetune"
+        if wandb_sweep:
+            from vittune.search.wandb_sweep import write_wandb_sweep
+
+            write_wandb_sweep(loaded, command, recipe, overrides or [], wandb_sweep, log=typer.echo)
+            return
+        from vittune.search.sweep import run_sweep
+
+        run_sweep(loaded, command, recipe, trials, study, storage, log=typer.echo)
+
+    guarded(action)
+
+
+@app.command("lr-find")
+def lr_find(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    steps: Annotated[int, typer.Option(min=5, help="Optimiser steps of the range test.")] = 100,
+    min_lr: Annotated[float, typer.Option(help="Base lr of the first step.")] = 1e-7,
+    max_lr: Annotated[float, typer.Option(help="Base lr of the last step.")] = 1.0,
+    plot: Annotated[
+        str, typer.Option(help="Where to save the plot (a CSV goes beside it).")
+    ] = "lr_find.png",
+) -> None:
+    """Learning-rate range test that keeps layer decay and group ratios; prints optim.lr=..."""
+
+    def action() -> None:
+        from vittune.recipe.load import load_recipe
+        from vittune.search.lr_find import run_lr_find
+
+        loaded = load_recipe(recipe, overrides or [], command=None)
+        run_lr_find(loaded, loaded.task or "finetune", steps, min_lr, max_lr, plot, log=typer.echo)
+
+    guarded(action)
+
+
 @app.callback()
 def options(
     version: Annotated[

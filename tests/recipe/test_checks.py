@@ -13,6 +13,8 @@ from vittune.recipe.load import load_recipe
 
 BASE = {"data": {"builtin": "digits"}, "model": {"img_size": 32, "patch_size": 8}}
 TEACHER = "distill.teacher={name: resnet18, pretrained: teacher.safetensors}"
+SPACE_LR = "optim.lr: {loguniform: [1.0e-4, 3.0e-3]}"
+LRR = "sweep.space: unknown recipe key `optim.lrr`; did you mean `optim.lr`?"
 
 
 def load_error(tmp_path: Path, command: str, *overrides: str) -> str:
@@ -40,6 +42,25 @@ def load_error(tmp_path: Path, command: str, *overrides: str) -> str:
         ("distill", ["distill.teacher={name: resnet1, pretrained: true}"], "distill.teacher.name"),
         ("distill", [TEACHER, "loss.class_weights=balanced"], "not supported by vittune distill"),
         ("distill", [TEACHER, "task=finetune"], "this recipe is for `vittune finetune`"),
+        # sweep.space: every key a recipe key, every end of a range a value the recipe accepts
+        ("finetune", [f"sweep.space={{{SPACE_LR}, optim.lrr: {{uniform: [0, 1]}}}}"], LRR),
+        ("finetune", ["sweep.space={optim.layer_decay: {uniform: [0.5, 1.5]}}"], "value 1.5 is"),
+        (
+            "finetune",
+            ["sweep.space={augment.preset: {choice: [light, huge]}}"],
+            "'huge' is refused",
+        ),
+        (
+            "finetune",
+            ["sweep.space={optim.name: {choice: [adamw, adamx]}}"],
+            "did you mean 'adamax'",
+        ),
+        ("finetune", ["sweep.space={model.patch_size: {int: [7, 8]}}"], "divisible by model.patch"),
+        ("finetune", ["sweep.space={logging.name: {choice: [a, b]}}"], "set by the sweep itself"),
+        ("finetune", ["sweep.space={optim.lr: {loguniform: [0, 1]}}"], "positive low end"),
+        ("finetune", ["sweep.space={optim.lr: {uniform: [0.1, 0.01]}}"], "low < high"),
+        ("finetune", ["sweep.space={optim.lr: {int: [1, 2], choice: [1]}}"], "exactly one of"),
+        ("finetune", ["sweep.space={model.kwargs.depth: {int: [1.5, 3]}}"], "sweep.space.model"),
     ],
 )
 def test_recipe_only_rules_fail_at_load_time(
@@ -53,6 +74,15 @@ def test_every_command_has_a_checker_and_a_valid_recipe_passes(tmp_path: Path) -
     recipe = write_recipe(tmp_path / "r.yaml", BASE)
     for command, extra in [("finetune", []), ("pretrain-mae", []), ("distill", [TEACHER])]:
         load_recipe(recipe, extra, command=command)  # no error
+
+
+def test_a_valid_sweep_space_loads_from_an_override(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", BASE)
+    space = f"sweep.space={{{SPACE_LR}, model.kwargs.depth: {{int: [1, 3]}}}}"
+    loaded = load_recipe(recipe, [space, "sweep.sampler=random"], command="finetune")
+    assert loaded.sweep.space["optim.lr"].loguniform == (1e-4, 3e-3)
+    assert loaded.sweep.space["model.kwargs.depth"].kind == "int"
+    assert loaded.sweep.sampler == "random" and loaded.sweep.pruner == "median"
 
 
 def test_a_misspelt_optimiser_fails_before_a_run_folder_exists(tmp_path: Path) -> None:

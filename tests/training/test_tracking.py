@@ -214,3 +214,14 @@ def test_hub_weights_with_a_dead_hf_endpoint_fail_fast(
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(WeightsError, match="cannot get hub weights"):
         create_backbone(ModelConfig(name="vit_tiny_patch16_224", pretrained=True), 2)
+
+
+def test_a_logging_group_reaches_the_wandb_run(no_wandb_setup: Path, tmp_path: Path) -> None:
+    """Sweeps group their trials' W&B runs by the sweep name (`logging.group`)."""
+    import wandb
+
+    loggers, _ = tracking.build_loggers(LoggingConfig(group="my-sweep"), tmp_path / "run", "t")
+    try:
+        assert loggers[1].experiment.group == "my-sweep"
+    finally:
+        wandb.finish()

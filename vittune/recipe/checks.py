@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import timm
 import timm.optim
+from pydantic import ValidationError
 
 from vittune.errors import RecipeError
 from vittune.recipe.schema import Command, Recipe
@@ -166,3 +167,46 @@ def check_recipe(recipe: Recipe, command: Command) -> None:
         )
     for check in CHECKS[command]:
         check(recipe)
+    if recipe.sweep is not None and recipe.sweep.space:
+        check_sweep_space(recipe, command)
+
+
+# Keys a sweep sets itself for every trial (its folder, name and W&B group).
+SWEEP_OWNED = ("sweep", "logging.run_dir", "logging.name", "logging.group", "trainer.resume_from")
+
+
+def check_sweep_space(recipe: Recipe, command: Command) -> None:
+    """Every `sweep.space` key is a recipe key, and every end of its range (every choice) is a
+    value the schema and this command's checks accept, so no trial can fail on a refused value
+    of a single key. Combinations are tried by the trials themselves (a refused one fails it)."""
+    # load.py imports this module; its override helpers are needed only here
+    from vittune.recipe.load import deep_merge, format_validation_error, parse_override
+
+    base = recipe.model_dump(mode="json", exclude={"sweep"})
+    for key, entry in recipe.sweep.space.items():
+        if any(key == owned or key.startswith(owned + ".") for owned in SWEEP_OWNED):
+            raise RecipeError(
+                f"sweep.space key `{key}` is set by the sweep itself for each trial; remove it"
+            )
+        values = entry.choice if entry.kind == "choice" else list(getattr(entry, entry.kind))
+        for value in values:
+            raw = deep_merge(base, parse_override(f"{key}=0"))  # the nesting of a dotted key
+            cursor = raw
+            for part in key.split(".")[:-1]:
+                cursor = cursor[part]
+            cursor[key.split(".")[-1]] = value
+            try:
+                check_recipe(Recipe.model_validate(raw), command)
+            except ValidationError as err:
+                problem = format_validation_error(err)
+                if problem.startswith("unknown recipe key"):
+                    raise RecipeError(f"sweep.space: {problem}") from None
+                raise RecipeError(
+                    f"sweep.space `{key}`: the value {value!r} is refused ({problem.split('; fix')[0]});"
+                    " narrow the range or the choices"
+                ) from None
+            except RecipeError as err:
+                raise RecipeError(
+                    f"sweep.space `{key}`: the value {value!r} is refused ({err}); narrow the range"
+                    " or the choices"
+                ) from None

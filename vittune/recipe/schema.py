@@ -6,9 +6,17 @@ Every section forbids unknown keys (a misspelt key is an error, never a silent n
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 Command = Literal["finetune", "pretrain-mae", "distill"]
 
@@ -173,6 +181,7 @@ class LoggingConfig(Section):
     project: str = "vittune"
     entity: str | None = None
     tags: list[str] = Field(default_factory=list)
+    group: str | None = None  # W&B run group (a sweep's trials share the sweep's name)
     # save the attention maps of a few fixed validation images every n epochs (ViTs)
     attention_every_n_epochs: int | None = Field(None, ge=1)
 
@@ -218,6 +227,68 @@ class DistillConfig(Section):
     tau: float = Field(1.0, gt=0.0)
 
 
+class SpaceEntry(Section):
+    """One searched recipe key: exactly one of `loguniform`, `uniform`, `int` ([low, high]) or
+    `choice` (a list of numbers, strings, booleans or null)."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    # `int` names the field as users write it, so the type below is spelt builtins.int
+    int: tuple[builtins.int, builtins.int] | None = None
+    choice: list[bool | builtins.int | float | str | None] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceEntry:
+        given = [
+            k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of loguniform, uniform, int or choice"
+                f" (got {', '.join(given) or 'none'})"
+            )
+        kind = given[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice needs at least one value")
+            return self
+        low, high = getattr(self, kind)
+        if not low < high:
+            raise ValueError(f"{kind} needs [low, high] with low < high (got [{low}, {high}])")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"loguniform needs a positive low end (got {low})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_its_kind(self, handler: Any) -> dict[str, Any]:
+        """Dumped as written (`{loguniform: [1.0e-5, 1.0e-3]}`), without the unused kinds."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    @property
+    def kind(self) -> str:
+        return next(
+            k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, k) is not None
+        )
+
+
+class SweepConfig(Section):
+    """`vittune sweep`: which recipe keys to search, and how (Optuna; docs/sweeps.md)."""
+
+    space: dict[str, SpaceEntry] = Field(default_factory=dict)  # dotted recipe key -> range
+    sampler: Literal["tpe", "random", "grid"] = "tpe"  # grid: every space entry int or choice
+    pruner: Literal["median", "hyperband", "none"] = "median"  # on the per-epoch monitor
+    trials: int = Field(20, ge=1)  # finished trials the study aims for (all workers together)
+    seed: int | None = None  # the sampler's seed; None: trainer.seed
+    # trials that finish before TPE models the space and before the median pruner prunes
+    startup_trials: int = Field(2, ge=0)
+    prune_after_epochs: int = Field(1, ge=1)  # epochs every trial trains before it can be pruned
+    # trial 0 trains the recipe's own values (when they lie in the space): the start to beat
+    start_from_recipe: bool = True
+    # a running trial writes a heartbeat this often; one silent for 3x as long is failed and
+    # queued again (its worker died on another machine)
+    heartbeat_s: int = Field(30, ge=1)
+
+
 class Recipe(Section):
     task: Command | None = None  # optional: checked against the command that runs it
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -232,3 +303,4 @@ class Recipe(Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     mae: MaeConfig | None = None
     distill: DistillConfig | None = None
+    sweep: SweepConfig | None = None  # read by `vittune sweep` only

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vittune.deploy.timm_folder import export_best
@@ -51,12 +52,17 @@ class RunResult:
 
 
 def fit(
-    recipe: Recipe, command: Command, recipe_path: str | Path, log: Callable[[str], None] = print
+    recipe: Recipe,
+    command: Command,
+    recipe_path: str | Path,
+    log: Callable[[str], None] = print,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Train as the recipe says, keep best/last checkpoints, and export the best weights.
 
     `trainer.resume_from` is checked before the run folder exists; `auto` continues the newest
     checkpoint of `<logging.run_dir>/<logging.name>` in that same folder (or starts fresh there).
+    `callbacks` join the Trainer's (a sweep's pruning callback).
     """
     resume = resolve_resume(recipe)
     guard = PreemptionGuard()
@@ -69,7 +75,7 @@ def fit(
         )
         try:
             with removed_on_user_error(folder, lambda: held_checkpoints(folder.path)):
-                return _fit_into(folder, recipe, command, log, resume, guard)
+                return _fit_into(folder, recipe, command, log, resume, guard, callbacks)
         except Preempted as stop:
             held = held_checkpoints(folder.path)
             if folder.created and held is None:
@@ -99,6 +105,7 @@ def _fit_into(
     log: Callable[[str], None],
     resume: ResumePoint | None,
     guard: PreemptionGuard,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     run_dir = folder.path
     if folder.owner:
@@ -110,7 +117,7 @@ def _fit_into(
             ) from None
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     assembly = build(recipe, command, run_dir)
-    extra = [*assembly.callbacks, guard]
+    extra = [*assembly.callbacks, *callbacks, guard]
     if resume is not None:
         check_model_fits(resume, assembly.task)
         for callback in assembly.callbacks:

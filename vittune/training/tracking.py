@@ -96,6 +96,7 @@ def build_loggers(
         entity=cfg.entity,
         name=run_name,
         tags=cfg.tags,
+        group=cfg.group,
         save_dir=str(run_dir),
         mode=mode,
         # offline, vittune prints the one line that matters (where to sync from) itself
