@@ -15,7 +15,7 @@ import warnings
 
 import litserve as ls
 import torch
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from litserve.server import RegularRequestHandler
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -150,4 +150,6 @@ def add_predict_route(server, api, max_bytes: int) -> None:
         answer = dict(await handler.handle_request({"image": data, "name": name}, dict))
         return JSONResponse(answer, status_code=answer.pop("status", 200))
 
-    server.app.add_api_route(api.api_path, predict, methods=["POST"])
+    # LitServe's auth (an `authorize` method, or the LIT_SERVER_API_KEY variable) as on its routes
+    auth = [Depends(server.setup_auth(api))]
+    server.app.add_api_route(api.api_path, predict, methods=["POST"], dependencies=auth)
