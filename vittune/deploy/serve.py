@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,23 +110,31 @@ def prepare_onnx(run: TrainedRun, int8: bool, log: Callable[[str], None]) -> Pat
     return path
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM in this process runs LitServe's graceful shutdown (as Ctrl+C does).
+def stop_on_sigterm(server) -> None:
+    """SIGTERM in this process runs LitServe's graceful shutdown.
 
-    LitServe's `run` waits for its shutdown event and shuts down gracefully on
-    KeyboardInterrupt; it installs no SIGTERM handler, and the default one would kill this
-    process and leave the HTTP servers and workers without their parent. Child processes
-    forked later inherit this handler: they get the default action (uvicorn installs its own
-    graceful handler while it serves).
+    LitServe 0.2 installs no SIGTERM handler (the default one would kill this process and
+    orphan the HTTP server and the workers); its `run` waits on a shutdown event, the one its
+    own /shutdown endpoint sets. The handler sets that event from a new thread (a manager
+    proxy must not be re-entered from a signal handler in the thread blocked on it); setting
+    it, rather than raising KeyboardInterrupt, also ends LitServe's worker monitor, which would
+    otherwise report the stopped workers as a crash. Child processes forked later inherit the
+    handler and take the default action instead (uvicorn installs its own graceful one while
+    it serves).
     """
-    main = os.getpid()
+    main, stopping = os.getpid(), []
 
     def handler(signum: int, frame) -> None:
         if os.getpid() != main:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise KeyboardInterrupt
+        event = server._shutdown_event  # None until `run` has started its manager process
+        if event is None:
+            raise KeyboardInterrupt
+        if not stopping:  # a second SIGTERM changes nothing
+            stopping.append(threading.Thread(target=event.set, name="vittune-sigterm"))
+            stopping[0].start()
 
     signal.signal(signal.SIGTERM, handler)
 
@@ -177,7 +186,7 @@ def serve_run(
         disable_openapi_url=True,
     )
     add_predict_route(server, api, int(max_body_mb * 2**20))
-    stop_on_sigterm()
+    stop_on_sigterm(server)
     log(
         f"vittune serve: {run.folder} ({served_file.name}, {options.fmt}"
         f"{' int8' if int8 else ''}, batches of up to {max_batch_size} within"
@@ -185,4 +194,4 @@ def serve_run(
         "  POST /predict  GET /health  GET /info"
     )
     server.run(host=host, port=port, generate_client_file=False, log_level="warning")
-    log("vittune serve: stopped; requests in flight were answered")
+    log("vittune serve: stopped")
