@@ -17,7 +17,7 @@ import litserve as ls
 import torch
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
-from litserve.server import RegularRequestHandler
+from litserve.server import RegularRequestHandler, no_auth
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from vittune.deploy.serve_input import (
@@ -150,6 +150,8 @@ def add_predict_route(server, api, max_bytes: int) -> None:
         answer = dict(await handler.handle_request({"image": data, "name": name}, dict))
         return JSONResponse(answer, status_code=answer.pop("status", 200))
 
-    # LitServe's auth (an `authorize` method, or the LIT_SERVER_API_KEY variable) as on its routes
-    auth = [Depends(server.setup_auth(api))]
-    server.app.add_api_route(api.api_path, predict, methods=["POST"], dependencies=auth)
+    # LitServe's auth (the LIT_SERVER_API_KEY variable) as on its own routes; its no-op
+    # default is left out, as FastAPI would run it in a thread pool on every request
+    auth = server.setup_auth(api)
+    dependencies = [] if auth is no_auth else [Depends(auth)]
+    server.app.add_api_route(api.api_path, predict, methods=["POST"], dependencies=dependencies)
