@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -155,6 +156,7 @@ def test_health_and_info_and_no_client_file(server: Server, run_dir: Path) -> No
     health = httpx.get(f"{server.url}/health", timeout=30)
     assert (health.status_code, health.text) == (200, "ok")
     model = httpx.get(f"{server.url}/info", timeout=30).json()["model"]
+    model_file = run_dir / "model.safetensors"
     assembly = build_trained(load_trained_run(run_dir))
     assert model["classes"] == json.loads((run_dir / "config.json").read_text())["label_names"]
     assert model["input"]["channels"] == 1
@@ -162,7 +164,14 @@ def test_health_and_info_and_no_client_file(server: Server, run_dir: Path) -> No
     assert model["input"]["mean"] == list(assembly.mean)
     assert model["input"]["std"] == list(assembly.std)
     assert model["metrics"] == json.loads((run_dir / "metrics.json").read_text())
+    assert model["version"] == hashlib.sha256(model_file.read_bytes()).hexdigest()[:12]
     assert list(server.cwd.iterdir()) == []  # LitServe's client.py is not written
+    listening = [
+        c.laddr
+        for c in psutil.Process(server.process.pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert listening and {address.ip for address in listening} == {"127.0.0.1"}
 
 
 @pytest.mark.slow
@@ -280,7 +289,6 @@ def test_one_bad_image_in_a_batch_costs_only_its_request(
     run_dir: Path, images: list[Path], tmp_path: Path
 ) -> None:
     """The API's steps in the order LitServe's batched loop calls them, on one batch."""
-    pytest.importorskip("litserve")
     from vittune.deploy.serve_api import VittuneAPI
 
     api = VittuneAPI(ServeOptions(str(run_dir)), "v", max_batch_size=8, batch_timeout=0.0)
@@ -335,6 +343,7 @@ def test_onnx_and_int8_models_agree_with_torch(run_dir: Path, images: list[Path]
         check_onnx_file(path, run)
 
 
+@pytest.mark.slow  # the command's imports take 20-30 s on the shared test machine
 def test_an_option_mistake_is_one_line(tmp_path: Path) -> None:
     result = run_cli("serve", str(tmp_path), "--host", "10.1.2.3", cwd=tmp_path)
     assert result.returncode == 2
