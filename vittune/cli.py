@@ -310,6 +310,43 @@ def export(
     guarded(action)
 
 
+@app.command()
+def serve(
+    run: RunArg,
+    host: Annotated[
+        str, typer.Option(help="127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    fmt: Annotated[
+        str, typer.Option("--format", help="torch, or onnx (RUN/export/model.onnx)")
+    ] = "torch",
+    int8: Annotated[bool, typer.Option("--int8", help="int8 dynamic quantisation (CPU).")] = False,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Requests run together at most (1: no batching).")
+    ] = 32,
+    batch_timeout: Annotated[float, typer.Option(help="Seconds a batch waits to fill.")] = 0.01,
+    workers: Annotated[int, typer.Option(help="Model worker processes.")] = 1,
+    device: Annotated[
+        str, typer.Option(help="auto (a GPU when there is one), cpu or cuda")
+    ] = "auto",
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB.")] = 10.0,
+    top_k: Annotated[int, typer.Option(help="Ranked classes per answer.")] = 3,
+    threshold: Annotated[float, typer.Option(help="Multi-label decision threshold.")] = 0.5,
+    weights: WeightsOpt = "best",
+) -> None:
+    """Serve a trained run over HTTP (LitServe): POST /predict, GET /health, GET /info."""
+
+    def action() -> None:
+        from vittune.deploy.serve import serve_run
+
+        serve_run(
+            run, host, port, fmt, int8, max_batch_size, batch_timeout, workers, device,
+            max_body_mb, top_k, threshold, weights, log=typer.echo,
+        )  # fmt: skip
+
+    guarded(action)
+
+
 def show_version(value: bool) -> None:
     if value:
         from importlib.metadata import version

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vittune.data.decode import read_image
+from vittune.data.decode import read_raw, to_float
 from vittune.errors import DataError, RecipeError
 from vittune.evaluation.inputs import expand_inputs
 from vittune.evaluation.prediction_csv import write_predictions
@@ -32,6 +32,18 @@ class Predictions:
     classes: list[str]
 
 
+def image_tensor(
+    source: Path | bytes, name: str | Path, transform, in_chans: int, intensity: str, limit
+) -> torch.Tensor:
+    """One image (a file or its bytes) decoded and transformed as `vittune predict` does.
+
+    The one preprocessing step of predict, shared with `vittune serve` so that a served answer
+    equals predict's for the same file. Raises `DataError` for an unreadable image.
+    """
+    pixels = to_float(read_raw(source, name, limit), in_chans, intensity)  # [H, W, C] in [0, 1]
+    return transform(image=pixels)["image"]  # [C, H, W], normalised
+
+
 class _Files(Dataset):
     """(index, image tensor or None, error or None) for each file, decoded as in training."""
 
@@ -43,11 +55,14 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        path = self.paths[index]
         try:
-            pixels = read_image(self.paths[index], self.in_chans, self.intensity, self.limit)
+            image = image_tensor(
+                path, path, self.transform, self.in_chans, self.intensity, self.limit
+            )
         except DataError as err:
             return index, None, str(err)
-        return index, self.transform(image=pixels)["image"], None
+        return index, image, None
 
 
 def _collate(items: list) -> list:
