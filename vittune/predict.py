@@ -18,6 +18,7 @@ from tqdm import tqdm
 from vittune.data.decode import read_image
 from vittune.errors import DataError, RecipeError
 from vittune.evaluate import device_for
+from vittune.evaluation.clinical_run import load_operating_point
 from vittune.evaluation.inputs import expand_inputs
 from vittune.evaluation.prediction_csv import write_predictions
 from vittune.trained_run import build_trained, load_trained_run
@@ -35,16 +36,21 @@ class Predictions:
 class _Files(Dataset):
     """(index, image tensor or None, error or None) for each file, decoded as in training."""
 
-    def __init__(self, paths: list[Path], transform, in_chans: int, intensity: str, limit) -> None:
+    def __init__(
+        self, paths: list[Path], transform, in_chans: int, intensity: str, limit, dicom=None
+    ) -> None:
         self.paths, self.transform = paths, transform
         self.in_chans, self.intensity, self.limit = in_chans, intensity, limit
+        self.dicom = dicom
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            pixels = read_image(self.paths[index], self.in_chans, self.intensity, self.limit)
+            pixels = read_image(
+                self.paths[index], self.in_chans, self.intensity, self.limit, self.dicom
+            )
         except DataError as err:
             return index, None, str(err)
         return index, self.transform(image=pixels)["image"], None
@@ -73,6 +79,7 @@ def predict_files(
     if top_k < 1:
         raise RecipeError(f"--top-k must be at least 1, got {top_k}")
     run = load_trained_run(run_folder, [], weights)
+    saved = load_operating_point(run.folder)
     paths = expand_inputs(inputs)
     assembly = build_trained(run)
     cfg, task = run.recipe.data, assembly.task
@@ -82,6 +89,7 @@ def predict_files(
         run.recipe.model.in_chans,
         cfg.intensity,
         cfg.max_image_pixels,
+        assembly.datamodule.dicom,
     )
     loader = DataLoader(
         files,
@@ -116,5 +124,6 @@ def predict_files(
         multi_label=run.multi_label,
         threshold=threshold,
         top_k=min(top_k, len(run.classes)),
+        operating=(saved or {}).get("thresholds"),  # `vittune evaluate --operating-point`
     )
     return Predictions(written, paths, probs, errors, run.classes)

@@ -23,6 +23,7 @@ from vittune.checkpointing import (
     PreemptionGuard,
     carry_best,
 )
+from vittune.data.groups import write_splits
 from vittune.errors import Preempted, RecipeError
 from vittune.export import export_best
 from vittune.recipe.load import dump_recipe
@@ -135,6 +136,8 @@ def _fit_into(
         )
         sizes = {s: len(v) for s, v in assembly.datamodule.found.splits.items()}
         log(f"  data: {len(assembly.classes)} classes, images per split {sizes}")
+        found = assembly.datamodule.found  # the split, auditable and reusable (data.splits_from)
+        atomic_write(run_dir / "splits.csv", lambda p: write_splits(p, found))
         if wandb_message:
             log(f"  {wandb_message}")
     try:
