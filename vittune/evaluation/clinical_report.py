@@ -2,8 +2,8 @@
 
 Assembled from the pure functions of clinical.py into plain data for metrics.json, plus the
 console lines `vittune evaluate` prints. Single-label data is scored one-vs-rest per class
-(for two classes the second class is "positive" for the operating point); multi-label data
-per finding.
+(every class gets its operating point: with two classes, read the row of the finding, as
+the class order is alphabetical); multi-label data per finding.
 """
 
 from __future__ import annotations
@@ -33,12 +33,6 @@ def one_hot(targets: np.ndarray, classes: int) -> np.ndarray:
 def strata_of(onehot: np.ndarray) -> np.ndarray:
     """[N] the stratum of each image for the bootstrap: its class, or its label combination."""
     return np.unique(onehot, axis=0, return_inverse=True)[1].reshape(-1)
-
-
-def positive_columns(classes: list[str], multi_label: bool) -> list[int]:
-    """The columns that get an operating point: every label or class, or for a binary
-    single-label model only the second (positive) class."""
-    return [1] if len(classes) == 2 and not multi_label else list(range(len(classes)))
 
 
 def _num(value: float) -> float | None:
@@ -86,7 +80,7 @@ def operating_section(
 ) -> dict:
     """Thresholds chosen on `val` (probs [M, K], onehot [M, K]) and the rates they give here."""
     rows = []
-    for k in positive_columns(classes, onehot.sum(1).max() > 1):
+    for k in range(len(classes)):  # one-vs-rest: read the row of the finding you care about
         val_probs, val_truth = val[0][:, k], val[1][:, k]
         if val_truth.min() == val_truth.max():
             rows.append({"name": classes[k], "threshold": None, "note": "one class only in val"})
