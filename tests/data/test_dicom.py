@@ -131,3 +131,15 @@ def test_missing_pydicom_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if the extra were not installed
     with pytest.raises(DataError, match=r"vittune\[medical\]"):
         read_raw(path)
+
+
+def test_the_decoded_cache_holds_the_windowed_pixels_and_keys_on_the_window(tmp_path: Path) -> None:
+    from vittune.data.cache import build_memory_cache, cache_key
+
+    stored = RNG.integers(0, 4096, (12, 12)).astype(np.uint16)
+    path = write_dicom(tmp_path / "a.dcm", stored, bits_stored=12, window=(2048.0, 4096.0))
+    lung = DicomOptions(window=(1000.0, 500.0))
+    cache = build_memory_cache([path], None, dicom=lung)
+    np.testing.assert_array_equal(cache.get(0), read_raw(path, dicom=lung))
+    assert not np.array_equal(cache.get(0), read_raw(path))  # the file's own window differs
+    assert cache_key([path], None, lung) != cache_key([path], None, DicomOptions())
