@@ -143,3 +143,18 @@ def test_the_decoded_cache_holds_the_windowed_pixels_and_keys_on_the_window(tmp_
     np.testing.assert_array_equal(cache.get(0), read_raw(path, dicom=lung))
     assert not np.array_equal(cache.get(0), read_raw(path))  # the file's own window differs
     assert cache_key([path], None, lung) != cache_key([path], None, DicomOptions())
+
+
+def test_litdata_items_decode_dicom_bytes_like_files(tmp_path: Path) -> None:
+    """Shards hold a file's bytes and its source path: the same pixels as from the file."""
+    from vittune.data.datasets import ImageDataset, Sample
+    from vittune.data.streaming import ItemDecoder
+
+    stored = RNG.integers(0, 4096, (10, 10)).astype(np.uint16)
+    path = write_dicom(tmp_path / "x.dcm", stored, bits_stored=12, photometric="MONOCHROME1")
+    options = DicomOptions(window=(2000.0, 2000.0))
+    item = ItemDecoder(None, num_classes=2, in_chans=1, dicom=options)(
+        path.read_bytes(), str(path), (1,)
+    )
+    dataset = ImageDataset([Sample(path, (1,))], 2, None, in_chans=1, dicom=options)
+    np.testing.assert_array_equal(item[0].numpy(), dataset[0][0].numpy())

@@ -60,6 +60,8 @@ def test_test_fraction_carves_three_disjoint_patient_sets(tmp_path: Path) -> Non
     assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
     assert not groups["val"] & groups["test"]
     assert sum(len(g) for g in groups.values()) == 30
+    plain = scan_sources(DataConfig(root=str(root), val_fraction=0.2, test_fraction=0.2)).splits
+    assert {k: len(v) for k, v in plain.items()} == {"train": 72, "val": 24, "test": 24}
 
 
 def test_csv_group_column_and_the_overlap_check(tmp_path: Path) -> None:

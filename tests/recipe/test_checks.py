@@ -40,6 +40,9 @@ def load_error(tmp_path: Path, command: str, *overrides: str) -> str:
         ("distill", ["distill.teacher={name: resnet1, pretrained: true}"], "distill.teacher.name"),
         ("distill", [TEACHER, "loss.class_weights=balanced"], "not supported by vittune distill"),
         ("distill", [TEACHER, "task=finetune"], "this recipe is for `vittune finetune`"),
+        ("finetune", ["data.group_column=patient"], "data.group_column names a column of data.csv"),
+        ("finetune", [r"data.group_pattern=(P\d+)_"], "searched in paths under data.root"),
+        ("finetune", ["data.dicom_window=[40, 0]"], "width >= 1"),
     ],
 )
 def test_recipe_only_rules_fail_at_load_time(
