@@ -153,3 +153,17 @@ def test_operating_point_spelling_errors() -> None:
     for bad in ("spec", "spec=1.5", "ppv=0.9", "sens=x"):
         with pytest.raises(ValueError, match="spec=<0..1>"):
             parse_operating_point(bad)
+
+
+def test_multi_label_takes_a_plain_bootstrap_and_skips_resamples_without_positives() -> None:
+    rng = np.random.default_rng(8)
+    truth = (rng.random((150, 3)) < [0.5, 0.3, 0.03]).astype(int)  # a rare third finding
+    probs = np.clip(truth * 0.3 + rng.random((150, 3)) * 0.7, 0, 1)
+    report = clinical_report(probs, truth, ["a", "b", "rare"], resamples=300, seed=1)
+    assert report["bootstrap"]["stratified_by"] == "none (multi-label)"
+    for k, row in enumerate(report["per_class"]):
+        assert row["auroc"] == pytest.approx(roc_auc_score(truth[:, k], probs[:, k]))
+        assert row["auroc_ci95_low"] <= row["auroc"] <= row["auroc_ci95_high"]
+    draws = stratified_resamples(np.zeros(150, int), 300, 1)  # what a plain bootstrap draws
+    rare = [roc_auc_score(truth[d, 2], probs[d, 2]) for d in draws if 0 < truth[d, 2].sum() < 150]
+    assert report["per_class"][2]["auroc_ci95_low"] == pytest.approx(np.percentile(rare, 2.5))

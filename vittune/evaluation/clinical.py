@@ -80,8 +80,9 @@ def bootstrap_auroc(
     Args:
         onehot: [N, K] 0/1 truth (one-hot for single-label, multi-hot for multi-label).
         probs: [N, K] scores.
-        strata: [N] what each resample keeps the counts of (the true class; for multi-label
-            the label combination).
+        strata: [N] what each resample keeps the counts of (the true class; all zeros for
+            a plain bootstrap). A resample where a column lacks positives or negatives gives
+            NaN for it, left out of its interval.
         resamples: bootstrap resamples; seed: their generator's seed.
     """
     auroc = auroc_ranks(onehot.T, probs.T)  # [K]

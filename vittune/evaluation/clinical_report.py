@@ -31,8 +31,12 @@ def one_hot(targets: np.ndarray, classes: int) -> np.ndarray:
 
 
 def strata_of(onehot: np.ndarray) -> np.ndarray:
-    """[N] the stratum of each image for the bootstrap: its class, or its label combination."""
-    return np.unique(onehot, axis=0, return_inverse=True)[1].reshape(-1)
+    """[N] the stratum of each image for the bootstrap: its class for single-label data. For
+    multi-label data one stratum (a plain bootstrap): label combinations are often unique,
+    and a stratum of one image would be resampled as itself, narrowing the interval."""
+    if not (onehot.sum(1) == 1).all():
+        return np.zeros(len(onehot), np.int64)
+    return onehot.argmax(1)
 
 
 def _num(value: float) -> float | None:
@@ -43,11 +47,16 @@ def auroc_section(
     probs: np.ndarray, onehot: np.ndarray, classes: list[str], resamples: int, seed: int
 ) -> dict:
     """AUROC per class and macro with stratified-bootstrap 95% CIs (+ DeLong for binary)."""
-    fit = bootstrap_auroc(onehot, probs, strata_of(onehot), resamples, seed)
+    strata = strata_of(onehot)
+    fit = bootstrap_auroc(onehot, probs, strata, resamples, seed)
     section = {
         "auroc_macro": _num(fit.macro),
         "auroc_macro_ci95": [_num(v) for v in fit.macro_ci95],
-        "bootstrap": {"resamples": resamples, "seed": seed, "stratified_by": "label"},
+        "bootstrap": {
+            "resamples": resamples,
+            "seed": seed,
+            "stratified_by": "class" if (onehot.sum(1) == 1).all() else "none (multi-label)",
+        },
         "per_class": [
             {
                 "name": name,
