@@ -195,4 +195,9 @@ def log_tests(
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         log(f"  {name} ({weights} weights): {shown}")
     report = evaluate_run(run_dir, [], split="test", name="test")
+    low, high = report.clinical.get("auroc_macro_ci95", (None, None))
+    if low is not None:
+        log(
+            f"  test AUROC macro {report.clinical['auroc_macro']:.4f}, 95% CI [{low:.4f}, {high:.4f}]"
+        )
     log(f"  test report: {report.folder}")

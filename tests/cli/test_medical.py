@@ -86,12 +86,15 @@ def test_medical_recipe_trains_on_dicom_by_patient(tmp_path: Path) -> None:
         "trainer.max_epochs=2",
         "schedule.warmup_epochs=0",
         "logging.name=run",
+        "logging.wandb=true",  # offline (conftest): its files are searched for the name too
     )
     result = run_cli(
         "finetune", str(RECIPES / "medical.yaml"), *overrides, cwd=tmp_path, env=ONE_THREAD
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "test AUROC macro" in result.stdout and "95% CI" in result.stdout
     run = tmp_path / "runs" / "run"
+    assert list((run / "wandb").glob("offline-run-*"))
     with (run / "splits.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     split_of: dict[str, set[str]] = {}
