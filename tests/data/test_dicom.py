@@ -158,3 +158,32 @@ def test_litdata_items_decode_dicom_bytes_like_files(tmp_path: Path) -> None:
     )
     dataset = ImageDataset([Sample(path, (1,))], 2, None, in_chans=1, dicom=options)
     np.testing.assert_array_equal(item[0].numpy(), dataset[0][0].numpy())
+
+
+def test_jpeg_baseline_dicom_decodes_as_opencv_decodes_its_codestream(tmp_path: Path) -> None:
+    """pydicom has no JPEG baseline encoder: OpenCV writes the codestream, pydicom wraps it
+    (encapsulated pixel data, transfer syntax 1.2.840.10008.1.2.4.50), pylibjpeg decodes it."""
+    import cv2
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    grey = np.clip(np.add.outer(np.arange(32), np.arange(32)) * 4, 0, 255).astype(np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    path = write_dicom(tmp_path / "jpeg.dcm", grey)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([jpeg.tobytes()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    expected = cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED)  # libjpeg-turbo's pixels
+    ours = read_raw(path).astype(int)
+    assert (
+        np.abs(ours - _u16(expected / 255).astype(int)).max() <= 2 * 257
+    )  # IDCTs may differ by 1-2
+    assert np.abs(ours - _u16(grey / 255).astype(int)).mean() < 3 * 257  # and it is the image
+
+
+def test_16_bit_unsigned_full_range(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 65536, (8, 8)).astype(np.uint16)
+    np.testing.assert_array_equal(read_raw(write_dicom(tmp_path / "u16.dcm", stored)), stored)
