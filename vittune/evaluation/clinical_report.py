@@ -199,7 +199,9 @@ def format_clinical(report: dict) -> str:
                 lines.append(f"  {row['name']:<16}  ({row['note']})")
                 continue
             cells = "".join(f"{_ci(row[r]):>22}" for r in RATES)
-            lines.append(f"  {row['name']:<16}{row['threshold']:>10.4f}{cells}")
+            # above every probability: only "nothing is positive" met the target on val
+            cut = "> 1" if row["threshold"] > 1 else f"{row['threshold']:.4f}"
+            lines.append(f"  {row['name']:<16}{cut:>10}{cells}")
     if "group_level" in report:
         g = report["group_level"]
         low, high = g["auroc_macro_ci95"]
