@@ -187,3 +187,28 @@ def test_jpeg_baseline_dicom_decodes_as_opencv_decodes_its_codestream(tmp_path: 
 def test_16_bit_unsigned_full_range(tmp_path: Path) -> None:
     stored = RNG.integers(0, 65536, (8, 8)).astype(np.uint16)
     np.testing.assert_array_equal(read_raw(write_dicom(tmp_path / "u16.dcm", stored)), stored)
+
+
+def test_every_frame_a_sample_and_one_file_in_one_split(tmp_path: Path) -> None:
+    from vittune.data.datamodule import scan_sources
+    from vittune.data.datasets import ImageDataset
+    from vittune.recipe.schema import DataConfig
+
+    clips = {}
+    for label in ("a", "b"):
+        for k in range(4):
+            frames = RNG.integers(0, 256, (3, 6, 6)).astype(np.uint8)
+            path = write_dicom(tmp_path / label / f"clip{k}.dcm", frames, frames=True)
+            clips[path] = frames
+        write_dicom(tmp_path / label / "single.dcm", RNG.integers(0, 256, (6, 6)).astype(np.uint8))
+    found = scan_sources(DataConfig(root=str(tmp_path), dicom_frame="all", val_fraction=0.25))
+    samples = [s for split in found.splits.values() for s in split]
+    assert len(samples) == 2 * (4 * 3 + 1)
+    for path in clips:  # each clip whole in one split
+        assert sum(any(s.path == path for s in v) for v in found.splits.values()) == 1
+    dataset = ImageDataset(samples, 2, None, in_chans=1)
+    for index, sample in enumerate(samples):
+        if sample.frame is not None:
+            expected = _u16(clips[sample.path][sample.frame] / 255)
+            np.testing.assert_array_equal(dataset.load_raw(index), expected)
+    assert sorted(s.frame for s in samples if s.path in clips)[:3] == [0, 0, 0]

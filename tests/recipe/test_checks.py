@@ -43,6 +43,7 @@ def load_error(tmp_path: Path, command: str, *overrides: str) -> str:
         ("finetune", ["data.group_column=patient"], "data.group_column names a column of data.csv"),
         ("finetune", [r"data.group_pattern=(P\d+)_"], "searched in paths under data.root"),
         ("finetune", ["data.dicom_window=[40, 0]"], "width >= 1"),
+        ("finetune", ["data.dicom_frame=all", "data.cache=memory"], "one sample per frame"),
     ],
 )
 def test_recipe_only_rules_fail_at_load_time(

@@ -34,6 +34,7 @@ from vittune.data.datasets import (
     stratified_split,
 )
 from vittune.data.dicom import options_from
+from vittune.data.frames import expand_frames
 from vittune.data.groups import apply_splits_file, assign_pattern_groups, carve, check_overlap
 from vittune.data.transforms import (
     IntegerFirst,
@@ -59,7 +60,8 @@ def scan_readable(cfg: DataConfig) -> SplitSamples:
         found = scan_folder(cfg.root, labelled=cfg.labelled)
         if cfg.group_pattern:
             assign_pattern_groups(found, cfg.root, cfg.group_pattern)
-    return drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
+    found = drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
+    return expand_frames(found) if cfg.dicom_frame == "all" else found
 
 
 def scan_sources(cfg: DataConfig) -> SplitSamples:
@@ -70,7 +72,8 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
 
         return read_prepared(cfg)
     found = scan_readable(cfg)
-    grouped = bool(cfg.group_column or cfg.group_pattern)
+    # frames of one file share a group (data.dicom_frame: all): split by group then too
+    grouped = bool(cfg.group_column or cfg.group_pattern) or cfg.dicom_frame == "all"
     if cfg.splits_from:
         apply_splits_file(found, cfg.splits_from)
     elif grouped:

@@ -8,7 +8,7 @@ import random
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ class Sample:
     path: Path
     labels: tuple[int, ...]  # empty for unlabelled images; several for multi-label
     group: str | None = None  # patient/study (data.group_column / group_pattern)
+    frame: int | None = None  # the frame of a multi-frame DICOM file (data.dicom_frame: all)
 
 
 @dataclass
@@ -330,7 +331,11 @@ class ImageDataset(Dataset):
         """The decoded pixels as stored (`read_raw`): integers for integer files."""
         if self.cache is not None:
             return self.cache.get(index)
-        return read_raw(self.samples[index].path, max_pixels=self.max_pixels, dicom=self.dicom)
+        sample = self.samples[index]
+        dicom = self.dicom
+        if sample.frame is not None:  # one frame of a multi-frame file (data.dicom_frame: all)
+            dicom = replace(dicom or DicomOptions(), frame=sample.frame)
+        return read_raw(sample.path, max_pixels=self.max_pixels, dicom=dicom)
 
     def load(self, index: int) -> np.ndarray:
         """float32 [H, W, in_chans] in [0, 1], as `read_image` gives it."""

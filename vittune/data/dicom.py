@@ -33,7 +33,9 @@ class DicomOptions:
     """How DICOM pixels become an image (`data.dicom_window`, `data.dicom_frame`)."""
 
     window: str | tuple[float, float] = "auto"  # auto | none | (center, width)
-    frame: str = "middle"  # middle | first: which frame of a multi-frame file
+    # middle | first | all: which frame of a multi-frame file; an int: that frame (a sample
+    # of `all`); `all` without an index (predict, attention) reads the middle frame
+    frame: str | int = "middle"
 
 
 def options_from(cfg: object) -> DicomOptions:
@@ -48,6 +50,12 @@ def options_from(cfg: object) -> DicomOptions:
 def looks_like_dicom(prefix: bytes, name: str | Path = "") -> bool:
     """A `.dcm`/`.dicom` name, or the PS3.10 preamble (extension-less files from PACS)."""
     return str(name).lower().endswith(DICOM_SUFFIXES) or prefix[128:132] == _MAGIC
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """`looks_like_dicom` for a file on disk (reads its first 132 bytes)."""
+    with open(path, "rb") as handle:
+        return looks_like_dicom(handle.read(132), path)
 
 
 def _pydicom():
@@ -152,11 +160,22 @@ def window_fraction(values: np.ndarray, ds, window: str | tuple[float, float]) -
     return np.clip((np.asarray(values, np.float64) - low) / (high - low), 0.0, 1.0)
 
 
-def _frame_index(ds, frame: str) -> int | None:
+def _frame_index(ds, frame: str | int, name: str | Path) -> int | None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if isinstance(frame, int):
+        if not 0 <= frame < frames:
+            raise DataError(
+                f"{name} has {frames} frame(s), not a frame {frame}; scan the data again"
+            )
+        return frame if frames > 1 else None
     if frames <= 1:
         return None
     return 0 if frame == "first" else frames // 2
+
+
+def frame_count(path: str | Path) -> int:
+    """Frames of a DICOM file, from its header (1 for single-frame files)."""
+    return int(_parse(path, path, header_only=True).get("NumberOfFrames", 1) or 1)
 
 
 def read_dicom(
@@ -169,8 +188,9 @@ def read_dicom(
     options = options or DicomOptions()
     ds = _parse(data, name, header_only=False)
     _check_image_dataset(ds, name, max_pixels)
+    index = _frame_index(ds, options.frame, name)
     try:
-        ds.pixel_array_options(index=_frame_index(ds, options.frame))
+        ds.pixel_array_options(index=index)
         pixels = ds.pixel_array  # [H, W] or [H, W, 3]; YBR converted to RGB by pydicom
     except Exception as err:  # truncated pixel data, a broken codestream, a decoder's refusal
         raise DataError(

@@ -74,6 +74,11 @@ def check_groups(recipe: Recipe) -> None:
             "data.group_pattern is searched in paths under data.root; with data.csv give the"
             " group in a column and set data.group_column"
         )
+    if data.dicom_frame == "all" and (data.cache != "none" or data.format == "litdata"):
+        raise RecipeError(
+            "data.dicom_frame: all (one sample per frame) works on files without data.cache;"
+            " set data.cache: none and data.format: files, or choose middle / first"
+        )
     if (data.group_column or data.group_pattern) and data.format == "litdata":
         raise RecipeError(
             "litdata shards keep the split they were written with: set data.group_* when"

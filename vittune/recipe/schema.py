@@ -83,7 +83,8 @@ class DataConfig(Section):
     # DICOM (docs/medical.md): the VOI window after the modality LUT; auto: the file's first
     # window (else its full stored range), none: the full stored range, [center, width]: yours
     dicom_window: Literal["auto", "none"] | tuple[float, float] = "auto"
-    dicom_frame: Literal["middle", "first"] = "middle"  # which frame of a multi-frame file
+    # which frame of a multi-frame file is the image; all: one sample per frame
+    dicom_frame: Literal["middle", "first", "all"] = "middle"
     # patient/study-level splits: val and test are carved by group, never splitting one
     group_column: str | None = None  # CSV column naming each image's group (patient ID)
     group_pattern: str | None = None  # regex with one group, searched in the path under root
