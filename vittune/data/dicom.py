@@ -89,6 +89,10 @@ def _check_image_dataset(ds, name: str | Path, max_pixels: int | None) -> None:
 
     from vittune.data.decode import check_pixel_count  # noqa: PLC0415 (decode imports us)
 
+    if not any(k in ds for k in ("SOPClassUID", "PixelData", "DirectoryRecordSequence")):
+        raise DataError(
+            f"{name} is not a DICOM file (no DICOM image elements); replace or remove it"
+        )
     if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
         kind = "a DICOMDIR" if "DirectoryRecordSequence" in ds else "not an image"
         sop = getattr(getattr(ds, "SOPClassUID", None), "name", None)
