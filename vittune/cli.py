@@ -184,7 +184,9 @@ def evaluate(
     aggregate: Annotated[
         str | None, typer.Option(help="mean or max: also score per group (data.group_*)")
     ] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs")] = 1000,
+    bootstrap: Annotated[
+        int | None, typer.Option(help="Bootstrap resamples for the 95% CIs (default 1000)")
+    ] = None,
 ) -> None:
     """Score a trained run on its test/val split, or on other data given as data.* overrides."""
 

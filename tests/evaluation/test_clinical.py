@@ -167,3 +167,29 @@ def test_multi_label_takes_a_plain_bootstrap_and_skips_resamples_without_positiv
     draws = stratified_resamples(np.zeros(150, int), 300, 1)  # what a plain bootstrap draws
     rare = [roc_auc_score(truth[d, 2], probs[d, 2]) for d in draws if 0 < truth[d, 2].sum() < 150]
     assert report["per_class"][2]["auroc_ci95_low"] == pytest.approx(np.percentile(rare, 2.5))
+
+
+def test_large_evaluations_skip_cis_unless_asked(tmp_path) -> None:
+    from vittune.evaluation.clinical_run import AUTO_BUDGET, ClinicalOptions, clinical_numbers
+
+    rng = np.random.default_rng(9)
+    n = int(AUTO_BUDGET / 1000 / 2) + 1  # two classes: just over the automatic budget
+    targets = rng.integers(0, 2, n)
+    probs = np.stack([1 - (p := rng.random(n)), p], 1)
+    skipped = clinical_numbers(
+        tmp_path, ["a", "b"], ClinicalOptions(), probs, targets, [None] * n, "test", None
+    )
+    assert skipped["auroc_macro_ci95"] == [None, None] and "--bootstrap 1000" in format_clinical(
+        skipped
+    )
+    small = clinical_numbers(
+        tmp_path,
+        ["a", "b"],
+        ClinicalOptions(),
+        probs[:500],
+        targets[:500],
+        [None] * 500,
+        "test",
+        None,
+    )
+    assert small["bootstrap"]["resamples"] == 1000 and small["auroc_macro_ci95"][0] is not None

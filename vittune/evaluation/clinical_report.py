@@ -175,6 +175,8 @@ def _ci(values: list) -> str:
 
 def format_clinical(report: dict) -> str:
     """The console lines: macro AUROC with its CI, per-class CIs, the operating-point table."""
+    if "skipped" in report:
+        return report["skipped"]
     low, high = report["auroc_macro_ci95"]
     macro = report["auroc_macro"]
     lines = [

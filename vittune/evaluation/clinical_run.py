@@ -21,6 +21,9 @@ from vittune.evaluation.clinical import DEFAULT_RESAMPLES, parse_operating_point
 from vittune.evaluation.clinical_report import clinical_report
 
 OPERATING_POINT_FILE = "operating_point.json"
+# Without --bootstrap, CIs are computed when images x classes x resamples stays below this
+# (about 15 CPU-seconds): a 1,000-class evaluation of 50,000 images would take hours.
+AUTO_BUDGET = 1e8
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class ClinicalOptions:
 
     operating_point: str | None = None  # spec=0.95 | sens=0.9 | youden
     aggregate: str | None = None  # mean | max: also score per group (patient/study)
-    resamples: int = DEFAULT_RESAMPLES
+    resamples: int | None = None  # None: DEFAULT_RESAMPLES, unless the data is too large
     seed: int = 0
 
 
@@ -42,7 +45,7 @@ def check_clinical(options: ClinicalOptions) -> ClinicalOptions:
             raise RecipeError(str(err)) from None
     if options.aggregate not in (None, "mean", "max"):
         raise RecipeError(f"--aggregate must be mean or max, got {options.aggregate!r}")
-    if options.resamples < 100:
+    if options.resamples is not None and options.resamples < 100:
         raise RecipeError(f"--bootstrap needs at least 100 resamples, got {options.resamples}")
     return options
 
@@ -91,12 +94,20 @@ def clinical_numbers(
         raise RecipeError(
             "--aggregate needs a group per image: set data.group_column or data.group_pattern"
         )
+    resamples = options.resamples or DEFAULT_RESAMPLES
+    asked = options.resamples or options.operating_point or options.aggregate
+    if not asked and probs.size * resamples > AUTO_BUDGET:
+        return {
+            "auroc_macro_ci95": [None, None],
+            "skipped": f"95% CIs not computed for {probs.shape[0]} images x {probs.shape[1]} "
+            f"classes (slow); pass --bootstrap {DEFAULT_RESAMPLES} to compute them",
+        }
     val = val_scores() if options.operating_point else None
     report = clinical_report(
         probs,
         targets,
         list(classes),
-        resamples=options.resamples,
+        resamples=resamples,
         seed=options.seed,
         operating_point=options.operating_point,
         val=val,
