@@ -99,10 +99,16 @@ def test_splits_csv_records_and_reproduces_a_split(tmp_path: Path) -> None:
     for row in rows:
         by_group.setdefault(row["group"], set()).add(row["split"])
     assert all(len(s) == 1 for s in by_group.values())
-    # another seed, but the splits file wins
+    # another seed and a test fraction, but the splits file wins, exactly as written
     reused = scan_sources(
-        DataConfig(root=str(root), split_seed=9, splits_from=str(tmp_path / "splits.csv"))
+        DataConfig(
+            root=str(root),
+            split_seed=9,
+            test_fraction=0.2,
+            splits_from=str(tmp_path / "splits.csv"),
+        )
     )
+    assert set(reused.splits) == {"train", "val"}
     for split in ("train", "val"):
         assert {s.path for s in reused.splits[split]} == {s.path for s in found.splits[split]}
 

@@ -78,7 +78,8 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
         apply_splits_file(found, cfg.splits_from)
     elif grouped:
         check_overlap(found, cfg.allow_group_overlap)
-    if "val" not in found.splits or (cfg.test_fraction and "test" not in found.splits):
+    missing = "val" not in found.splits or (cfg.test_fraction and "test" not in found.splits)
+    if missing and not cfg.splits_from:  # a splits file is used exactly as written
         carve(found, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, grouped)
     if cfg.train_fraction < 1.0:
         # Same stratified splitter: the "val" part of a (1 - fraction) split is the subset we keep.
