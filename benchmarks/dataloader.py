@@ -23,7 +23,10 @@ whole batch in the main process for vittune (standing in for the device; see bel
   file, the whole image is scaled to float32, then the same albumentations steps run.
 
 Files: JPEGs of 256-500 px a side (smooth shapes, edges and noise, quality 90, RGB, in_chans
-3) and 16-bit grey PNGs of 256-512 px (in_chans 1). Each worker count gets a fresh loader with
+3), 16-bit grey PNGs of 256-512 px (in_chans 1) and the same grey pixels as 12-bit DICOM
+(uncompressed, with a VOI window; torchvision cannot read DICOM, so only vittune's rows). A
+second table times decoding alone (`read_raw`, one process): PNG 16-bit beside DICOM
+uncompressed, RLE and JPEG 2000 lossless of the same pixels. Each worker count gets a fresh loader with
 persistent workers, one untimed pass, then `--passes` timed ones; pipelines alternate within
 each repeat and the table shows medians. CPU time is that of the main process plus every
 worker (read from /proc), so `images per CPU-s` is the per-core rate, the number that other
@@ -65,7 +68,9 @@ SIZE, BATCH = 224, 32
 KINDS = {  # files -> (in_chans, mean, std)
     "JPEG RGB 256-500 px": (3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "PNG 16-bit grey 256-512 px": (1, (0.5,), (0.25,)),
+    "DICOM 12-bit grey 256-512 px": (1, (0.5,), (0.25,)),
 }
+DECODE_SECTION = "## Decoding alone: PNG 16-bit and DICOM (read_raw, one process)"
 PIPELINES = (
     "torchvision",
     "vittune float (before)",
@@ -95,7 +100,8 @@ def natural_image(rng: np.random.Generator, height: int, width: int, channels: i
 def make_files(root: Path, count: int, seed: int = 0) -> dict[str, list[Path]]:
     rng = np.random.default_rng(seed)
     files: dict[str, list[Path]] = {kind: [] for kind in KINDS}
-    jpeg_kind, png_kind = KINDS
+    files.update({"DICOM RLE": [], "DICOM JPEG 2000 lossless": []})
+    jpeg_kind, png_kind, dicom_kind = KINDS
     for k in range(count):
         height, width = rng.integers(256, 501, 2)
         rgb = np.round(natural_image(rng, height, width, 3) * 255).astype(np.uint8)
@@ -107,7 +113,64 @@ def make_files(root: Path, count: int, seed: int = 0) -> dict[str, list[Path]]:
         path = root / f"scan_{k:04d}.png"
         cv2.imwrite(str(path), grey)
         files[png_kind].append(path)
+        stored = (grey >> 4).astype(np.uint16)  # 12 bits, as CR/DX detectors deliver
+        for kind, syntax in [
+            (dicom_kind, None),
+            ("DICOM RLE", "rle"),
+            ("DICOM JPEG 2000 lossless", "j2k"),
+        ]:
+            files[kind].append(write_dicom(root / f"scan_{k:04d}_{syntax}.dcm", stored, syntax))
     return files
+
+
+def write_dicom(path: Path, stored: np.ndarray, syntax: str | None) -> Path:
+    """A 12-bit MONOCHROME2 DICOM with a window, uncompressed or compressed by pydicom."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        RLELossless,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = stored.tobytes()
+    if syntax is not None:
+        ds.compress({"rle": RLELossless, "j2k": JPEG2000Lossless}[syntax])
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def decode_table(files: dict[str, list[Path]], repeats: int) -> str:
+    """Images per CPU second of `read_raw` alone (one process; CPU time, which other jobs on
+    a shared machine disturb less than the wall clock), and megapixels per CPU second."""
+    lines = [
+        "| files | images per CPU-s | CPU ms per image | megapixels per CPU-s |",
+        "|---|--:|--:|--:|",
+    ]
+    for kind in ["PNG 16-bit grey 256-512 px", "DICOM 12-bit grey 256-512 px", "DICOM RLE",
+                 "DICOM JPEG 2000 lossless"]:  # fmt: skip
+        seconds, pixels = [], 0
+        for _ in range(repeats + 1):  # the first pass warms the page cache and the libraries
+            start, pixels = time.process_time(), 0
+            for path in files[kind]:
+                pixels += decode.read_raw(path).size
+            seconds.append(time.process_time() - start)
+        best = statistics.median(seconds[1:])
+        count = len(files[kind])
+        lines.append(
+            f"| {kind} | {count / best:.0f} | {1000 * best / count:.2f} | {pixels / best / 1e6:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 class TorchvisionFiles(Dataset):
@@ -201,16 +264,34 @@ def table(results: dict, workers: list[int]) -> str:
     for kind in KINDS:
         for pipeline in PIPELINES:
             for count in workers:
+                if (kind, pipeline, count) not in results:
+                    continue
                 wall = statistics.median(r[0] for r in results[kind, pipeline, count])
                 cpu = statistics.median(r[1] for r in results[kind, pipeline, count])
-                base = statistics.median(r[1] for r in results[kind, "torchvision", count])
-                ratio = "" if pipeline == "torchvision" else f"{cpu / base:.2f}x"
+                baseline = results.get((kind, "torchvision", count))
+                base = statistics.median(r[1] for r in baseline) if baseline else None
+                ratio = "" if pipeline == "torchvision" or base is None else f"{cpu / base:.2f}x"
                 lines.append(
                     f"| {kind} | {pipeline} | {count or '0 (in-process)'} | {wall:.0f}"
                     f" | {wall / max(1, min(count, cores)):.0f}"
                     f" | {cpu:.0f} | {ratio} |"
                 )
     return "\n".join(lines)
+
+
+def write_decode(args: argparse.Namespace, decoding: str) -> None:
+    """The decoding table's section of RESULTS.md."""
+    flags = f"--images {args.images} --repeats {args.repeats}"
+    flags += " --decode-only" if args.decode_only else ""
+    write_section(
+        DECODE_SECTION,
+        f"{DECODE_SECTION}\n\nMachine: {machine()}; load average {os.getloadavg()[0]:.1f} at"
+        f" the end.\nDate: {time.strftime('%Y-%m-%d')}. Command: `python"
+        f" benchmarks/dataloader.py {flags} --write`.\n\nThe same grey pixels (256-512 px a"
+        " side) as a 16-bit PNG and as 12-bit DICOM; DICOM through pydicom (modality LUT, VOI"
+        " window, to uint16), RLE decoded by pydicom, JPEG 2000 by pylibjpeg-openjpeg. Median"
+        f" of {args.repeats} timed passes after a warm one.\n\n{decoding}",
+    )
 
 
 def main() -> None:
@@ -220,6 +301,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2, help="timed epochs per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
+    parser.add_argument("--decode-only", action="store_true", help="only the decoding table")
     args = parser.parse_args()
     workers = sorted(set(args.workers))
     warnings.filterwarnings("ignore")
@@ -229,10 +311,18 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="vittune-bench-") as folder:
         files = make_files(Path(folder), args.images)
+        decoding = decode_table(files, args.repeats)
+        print(decoding)
+        if args.decode_only:
+            if args.write:
+                write_decode(args, decoding)
+            return
         for _ in range(args.repeats):
             for kind, (in_chans, mean, std) in KINDS.items():
                 for count in workers:
                     for pipeline in PIPELINES:
+                        if kind.startswith("DICOM") and pipeline == "torchvision":
+                            continue  # torchvision has no DICOM reader
                         data = dataset(pipeline, files[kind], in_chans, mean, std)
                         device = IntegerNormalise(mean, std) if pipeline == "vittune" else None
                         results.setdefault((kind, pipeline, count), []).append(
@@ -256,6 +346,7 @@ def main() -> None:
             " the normalisation the task does on the device runs on the CPU in the main process,"
             f" counted.\n\n{text}",
         )
+        write_decode(args, decoding)
         print(f"wrote {RESULTS}")
 
 

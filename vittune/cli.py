@@ -177,15 +177,28 @@ def evaluate(
             help="Also score with r tokens merged per block (ToMe); repeat for several r."
         ),
     ] = None,
+    operating_point: Annotated[
+        str | None,
+        typer.Option(help="spec=0.95, sens=0.9 or youden: a threshold chosen on val, applied here"),
+    ] = None,
+    aggregate: Annotated[
+        str | None, typer.Option(help="mean or max: also score per group (data.group_*)")
+    ] = None,
+    bootstrap: Annotated[
+        int | None, typer.Option(help="Bootstrap resamples for the 95% CIs (default 1000)")
+    ] = None,
 ) -> None:
     """Score a trained run on its test/val split, or on other data given as data.* overrides."""
 
     def action() -> None:
+        from vittune.evaluation.clinical_report import format_clinical
+        from vittune.evaluation.clinical_run import ClinicalOptions
         from vittune.evaluation.report import format_table
         from vittune.inference.evaluate import evaluate_run
 
+        clinical = ClinicalOptions(operating_point, aggregate, bootstrap)
         result = evaluate_run(
-            run, overrides or [], split, weights, name, temperature, device, token_merge
+            run, overrides or [], split, weights, name, temperature, device, token_merge, clinical
         )
         typer.echo(
             f"vittune evaluate: {run} ({weights} weights) on the {result.split} split:"
@@ -194,6 +207,7 @@ def evaluate(
         if result.skipped:
             typer.echo(f"  {len(result.skipped)} file(s) could not be decoded and are not scored")
         typer.echo(format_table(result.report))
+        typer.echo("\n" + format_clinical(result.clinical))
         if result.merging:
             typer.echo("\ntoken merging (ToMe)   r  tokens in last block   top-1   images/s")
             for row in result.merging:

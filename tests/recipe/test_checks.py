@@ -61,6 +61,10 @@ def load_error(tmp_path: Path, command: str, *overrides: str) -> str:
         ("finetune", ["sweep.space={optim.lr: {uniform: [0.1, 0.01]}}"], "low < high"),
         ("finetune", ["sweep.space={optim.lr: {int: [1, 2], choice: [1]}}"], "exactly one of"),
         ("finetune", ["sweep.space={model.kwargs.depth: {int: [1.5, 3]}}"], "sweep.space.model"),
+        ("finetune", ["data.group_column=patient"], "data.group_column names a column of data.csv"),
+        ("finetune", [r"data.group_pattern=(P\d+)_"], "searched in paths under data.root"),
+        ("finetune", ["data.dicom_window=[40, 0]"], "width >= 1"),
+        ("finetune", ["data.dicom_frame=all", "data.cache=memory"], "one sample per frame"),
     ],
 )
 def test_recipe_only_rules_fail_at_load_time(

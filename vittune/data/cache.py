@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vittune.data.decode import image_header, read_raw
+from vittune.data.dicom import DICOM_SUFFIXES, DicomOptions
 from vittune.errors import DataError
 
 FORMAT = b"VTCACHE1"  # the footer's magic; change it when the layout changes
@@ -52,13 +53,15 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vittune" / "decoded"
 
 
-def cache_key(paths: list[Path], max_pixels: int | None) -> str:
+def cache_key(paths: list[Path], max_pixels: int | None, dicom: DicomOptions | None = None) -> str:
     """A hash of the files (path, size, modification time) and of what decodes them."""
     from vittune.data import decode  # noqa: PLC0415 (the decoder in use is part of the key)
 
     digest = hashlib.sha256(FORMAT)
     jpeg = f"simplejpeg {decode.simplejpeg.__version__}" if decode.simplejpeg else "none"
     digest.update(f"{max_pixels}|{jpeg}|opencv {cv2.__version__}\n".encode())
+    if dicom is not None and any(p.suffix.lower() in DICOM_SUFFIXES for p in map(Path, paths)):
+        digest.update(f"dicom {dicom}\n".encode())  # the window changes the pixels
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -139,8 +142,10 @@ class DecodedCache:
 class _Decode(Dataset):
     """(index, pixels or None, error or None) per file: the fill pass's work."""
 
-    def __init__(self, paths: list[Path], max_pixels: int | None) -> None:
-        self.paths, self.max_pixels = paths, max_pixels
+    def __init__(
+        self, paths: list[Path], max_pixels: int | None, dicom: DicomOptions | None = None
+    ) -> None:
+        self.paths, self.max_pixels, self.dicom = paths, max_pixels, dicom
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -149,7 +154,9 @@ class _Decode(Dataset):
         try:
             return (
                 index,
-                np.ascontiguousarray(read_raw(self.paths[index], None, self.max_pixels)),
+                np.ascontiguousarray(
+                    read_raw(self.paths[index], None, self.max_pixels, self.dicom)
+                ),
                 None,
             )
         except DataError as err:
@@ -160,12 +167,12 @@ def _as_is(item: object) -> object:
     return item
 
 
-def _decode_all(paths: list[Path], max_pixels: int | None, workers: int):
+def _decode_all(paths: list[Path], max_pixels: int | None, workers: int, dicom=None):
     """Decoded images in order, `workers` processes decoding ahead."""
     # Its own generator: the loader's worker seed is not drawn from torch's global one, so
     # filling a cache leaves the seeded augmentation of the run exactly as without a cache.
     loader = DataLoader(
-        _Decode(paths, max_pixels),
+        _Decode(paths, max_pixels, dicom),
         batch_size=None,
         num_workers=workers,
         collate_fn=_as_is,
@@ -174,13 +181,15 @@ def _decode_all(paths: list[Path], max_pixels: int | None, workers: int):
     yield from loader
 
 
-def _fill(paths: list[Path], max_pixels: int | None, workers: int, write, key: str) -> _Index:
+def _fill(
+    paths: list[Path], max_pixels: int | None, workers: int, write, key: str, dicom=None
+) -> _Index:
     """Decode every file, hand its bytes to `write(offset, bytes)`; the index of what was written."""
     count = len(paths)
     offsets, shapes = np.zeros(count, np.int64), np.zeros((count, 3), np.int64)
     dtypes, errors = [""] * count, [""] * count
     offset = 0
-    for position, pixels, error in _decode_all(paths, max_pixels, workers):
+    for position, pixels, error in _decode_all(paths, max_pixels, workers, dicom):
         if error is not None:
             errors[position] = error
             continue
@@ -193,7 +202,11 @@ def _fill(paths: list[Path], max_pixels: int | None, workers: int, write, key: s
 
 
 def build_memory_cache(
-    paths: list[Path], max_pixels: int | None, workers: int = 0, ram_share: float = RAM_SHARE
+    paths: list[Path],
+    max_pixels: int | None,
+    workers: int = 0,
+    ram_share: float = RAM_SHARE,
+    dicom: DicomOptions | None = None,
 ) -> DecodedCache:
     """Decode `paths` into one shared-memory buffer; refuse when it would not fit."""
     estimate = estimated_bytes(paths)
@@ -216,7 +229,7 @@ def build_memory_cache(
             held["buffer"] = buffer = bigger
         buffer.numpy()[offset:end] = np.frombuffer(data, np.uint8)
 
-    index = _fill(paths, max_pixels, workers, keep, "memory")
+    index = _fill(paths, max_pixels, workers, keep, "memory", dicom)
     return DecodedCache(index, held["buffer"], None)
 
 
@@ -258,16 +271,22 @@ def open_disk_cache(path: Path, key: str, count: int) -> DecodedCache | None:
     return DecodedCache(index, None, path)
 
 
-def disk_cache_path(paths: list[Path], max_pixels: int | None, cache_dir: Path) -> tuple[Path, str]:
-    key = cache_key(paths, max_pixels)
+def disk_cache_path(
+    paths: list[Path], max_pixels: int | None, cache_dir: Path, dicom: DicomOptions | None = None
+) -> tuple[Path, str]:
+    key = cache_key(paths, max_pixels, dicom)
     return cache_dir / f"{key}.vtcache", key
 
 
 def build_disk_cache(
-    paths: list[Path], max_pixels: int | None, cache_dir: Path, workers: int = 0
+    paths: list[Path],
+    max_pixels: int | None,
+    cache_dir: Path,
+    workers: int = 0,
+    dicom: DicomOptions | None = None,
 ) -> DecodedCache:
     """Open the disk cache of `paths`, decoding them into it first if it is missing or damaged."""
-    path, key = disk_cache_path(paths, max_pixels, cache_dir)
+    path, key = disk_cache_path(paths, max_pixels, cache_dir, dicom)
     cache = open_disk_cache(path, key, len(paths))
     if cache is not None:
         return cache
@@ -286,7 +305,7 @@ def build_disk_cache(
             def write(offset: int, data: memoryview) -> None:
                 out.write(data)
 
-            index = _fill(paths, max_pixels, workers, write, key)
+            index = _fill(paths, max_pixels, workers, write, key, dicom)
             table = index.to_bytes()
             out.write(table)
             out.write(len(table).to_bytes(8, "little") + FORMAT)

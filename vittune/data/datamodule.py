@@ -33,6 +33,9 @@ from vittune.data.datasets import (
     scan_folder,
     stratified_split,
 )
+from vittune.data.dicom import options_from
+from vittune.data.frames import expand_frames
+from vittune.data.groups import apply_splits_file, assign_pattern_groups, carve, check_overlap
 from vittune.data.transforms import (
     IntegerFirst,
     IntegerNormalise,
@@ -52,10 +55,13 @@ def scan_readable(cfg: DataConfig) -> SplitSamples:
     if cfg.builtin:
         found = scan_folder(BUILTIN[cfg.builtin](), labelled=cfg.labelled)
     elif cfg.csv:
-        found = scan_csv(cfg.csv, multi_label=cfg.multi_label, labelled=cfg.labelled)
+        found = scan_csv(cfg.csv, cfg.multi_label, cfg.labelled, cfg.group_column)
     else:
         found = scan_folder(cfg.root, labelled=cfg.labelled)
-    return drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
+        if cfg.group_pattern:
+            assign_pattern_groups(found, cfg.root, cfg.group_pattern)
+    found = drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
+    return expand_frames(found) if cfg.dicom_frame == "all" else found
 
 
 def scan_sources(cfg: DataConfig) -> SplitSamples:
@@ -66,13 +72,15 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
 
         return read_prepared(cfg)
     found = scan_readable(cfg)
-    if "val" not in found.splits:
-        train, val = stratified_split(found.splits["train"], cfg.val_fraction, cfg.split_seed)
-        if not val:
-            raise DataError(
-                "too few images to hold out a validation split; add images or provide a val split"
-            )
-        found.splits["train"], found.splits["val"] = train, val
+    # frames of one file share a group (data.dicom_frame: all): split by group then too
+    grouped = bool(cfg.group_column or cfg.group_pattern) or cfg.dicom_frame == "all"
+    if cfg.splits_from:
+        apply_splits_file(found, cfg.splits_from)
+    elif grouped:
+        check_overlap(found, cfg.allow_group_overlap)
+    missing = "val" not in found.splits or (cfg.test_fraction and "test" not in found.splits)
+    if missing and not cfg.splits_from:  # a splits file is used exactly as written
+        carve(found, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, grouped)
     if cfg.train_fraction < 1.0:
         # Same stratified splitter: the "val" part of a (1 - fraction) split is the subset we keep.
         _, kept = stratified_split(found.splits["train"], cfg.train_fraction, cfg.split_seed + 1)
@@ -125,6 +133,7 @@ class ImageDataModule(L.LightningDataModule):
             self.train_transform.integers = True
         self.eval_transform = build_eval_transform(img_size, mean, std)
         self.in_chans = in_chans
+        self.dicom = options_from(cfg)
         self.even_batches = augment.mixup_alpha + augment.cutmix_alpha > 0
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # Workers report files that fail to decode here (see CorruptLog); without a run folder
@@ -164,10 +173,12 @@ class ImageDataModule(L.LightningDataModule):
             paths = [sample.path for sample in self.found.splits[split]]
             limit, workers = self.cfg.max_image_pixels, self.cfg.num_workers
             if self.cfg.cache == "memory":
-                self._caches[split] = build_memory_cache(paths, limit, workers)
+                self._caches[split] = build_memory_cache(paths, limit, workers, dicom=self.dicom)
             else:
                 folder = Path(self.cfg.cache_dir) if self.cfg.cache_dir else default_cache_dir()
-                self._caches[split] = build_disk_cache(paths, limit, folder, workers)
+                self._caches[split] = build_disk_cache(
+                    paths, limit, folder, workers, dicom=self.dicom
+                )
         return self._caches[split]
 
     def class_counts(self) -> torch.Tensor:
@@ -203,6 +214,7 @@ class ImageDataModule(L.LightningDataModule):
             on_corrupt=self.cfg.on_corrupt,
             max_pixels=self.cfg.max_image_pixels,
             corrupt_log=self.corrupt_log,
+            dicom=self.dicom,
             # Only a cache the loaders (or setup) filled: evaluate and export read a few
             # or all images once, and a fill pass first would only add work.
             cache=self._caches.get(split),

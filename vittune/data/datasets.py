@@ -8,7 +8,7 @@ import random
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from vittune.data.cache import DecodedCache
-from vittune.data.decode import IMAGE_SUFFIXES, check_image, read_raw, to_float
+from vittune.data.decode import IMAGE_SUFFIXES, check_image, is_image_file, read_raw, to_float
+from vittune.data.dicom import DicomOptions
 from vittune.data.transforms import IntegerNormalise
 from vittune.errors import DataError
 from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
@@ -28,6 +29,8 @@ SPLITS = ("train", "val", "test")
 class Sample:
     path: Path
     labels: tuple[int, ...]  # empty for unlabelled images; several for multi-label
+    group: str | None = None  # patient/study (data.group_column / group_pattern)
+    frame: int | None = None  # the frame of a multi-frame DICOM file (data.dicom_frame: all)
 
 
 @dataclass
@@ -74,9 +77,7 @@ def drop_unreadable(
 
 def _images_under(folder: Path, recursive: bool = False) -> list[Path]:
     pattern = "**/*" if recursive else "*"
-    return sorted(
-        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and is_image_file(p))
 
 
 def _class_folders(root: Path) -> dict[str, list[Path]]:
@@ -133,16 +134,22 @@ def scan_folder(root: str | Path, labelled: bool = True) -> SplitSamples:
 
 
 def scan_csv(
-    csv_path: str | Path, multi_label: bool = False, labelled: bool = True
+    csv_path: str | Path,
+    multi_label: bool = False,
+    labelled: bool = True,
+    group_column: str | None = None,
 ) -> SplitSamples:
-    """Read a manifest `path,label[,split]`; paths are relative to the CSV's folder."""
+    """Read a manifest `path,label[,split][,<group_column>]`; paths are relative to the CSV's
+    folder."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"data.csv {csv_path} does not exist; fix the path in the recipe")
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
-        needed = {"path", "label"} if labelled else {"path"}
+        needed = ({"path", "label"} if labelled else {"path"}) | (
+            {group_column} if group_column else set()
+        )
         if not needed <= columns:
             raise DataError(
                 f"{csv_path} needs a header with columns {sorted(needed)} (optional: split); found {sorted(columns)}"
@@ -150,7 +157,7 @@ def scan_csv(
         rows = list(reader)
     if not rows:
         raise DataError(f"{csv_path} lists no images; add rows path,label[,split]")
-    raw: dict[str, list[tuple[Path, list[str]]]] = defaultdict(list)
+    raw: dict[str, list[tuple[Path, list[str], str | None]]] = defaultdict(list)
     for line, row in enumerate(rows, start=2):
         image = csv_path.parent / (row["path"] or "").strip()
         if not row["path"] or not image.is_file():
@@ -172,21 +179,26 @@ def scan_csv(
             raise DataError(
                 f"{csv_path} line {line}: empty label for {row['path']!r}; give every image a label"
             )
-        raw[split].append((image, names))
+        group = (row[group_column] or "").strip() if group_column else None
+        if group_column and not group:
+            raise DataError(
+                f"{csv_path} line {line}: empty {group_column!r} for {row['path']!r}; give every image its group"
+            )
+        raw[split].append((image, names, group))
     if "train" not in raw:
         raise DataError(
             f"{csv_path} has no rows in the train split; mark some rows split=train or drop the split column"
         )
-    classes = sorted({n for _, names in raw["train"] for n in names})
+    classes = sorted({n for _, names, _ in raw["train"] for n in names})
     result = SplitSamples(classes=classes)
     for split, entries in raw.items():
-        unknown = sorted({n for _, names in entries for n in names} - set(classes))
+        unknown = sorted({n for _, names, _ in entries for n in names} - set(classes))
         if unknown:
             raise DataError(
                 f"{csv_path}: labels {unknown} in split {split!r} never appear in train; fix the labels or add train rows"
             )
         result.splits[split] = [
-            Sample(p, tuple(classes.index(n) for n in names)) for p, names in entries
+            Sample(p, tuple(classes.index(n) for n in names), group) for p, names, group in entries
         ]
     return result
 
@@ -294,6 +306,7 @@ class ImageDataset(Dataset):
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         corrupt_log: CorruptLog | None = None,
         cache: DecodedCache | None = None,
+        dicom: DicomOptions | None = None,
     ) -> None:
         self.samples = samples
         self.num_classes = num_classes
@@ -305,6 +318,7 @@ class ImageDataset(Dataset):
         self.max_pixels = max_pixels
         self.corrupt_log = corrupt_log
         self.cache = cache  # the samples' decoded pixels, in the same order (data.cache)
+        self.dicom = dicom  # data.dicom_window / dicom_frame
         self._warned: set[Path] = set()  # per process: one warning per file, not per epoch
 
     def __len__(self) -> int:
@@ -317,7 +331,11 @@ class ImageDataset(Dataset):
         """The decoded pixels as stored (`read_raw`): integers for integer files."""
         if self.cache is not None:
             return self.cache.get(index)
-        return read_raw(self.samples[index].path, max_pixels=self.max_pixels)
+        sample = self.samples[index]
+        dicom = self.dicom
+        if sample.frame is not None:  # one frame of a multi-frame file (data.dicom_frame: all)
+            dicom = replace(dicom or DicomOptions(), frame=sample.frame)
+        return read_raw(sample.path, max_pixels=self.max_pixels, dicom=dicom)
 
     def load(self, index: int) -> np.ndarray:
         """float32 [H, W, in_chans] in [0, 1], as `read_image` gives it."""

@@ -20,6 +20,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from vittune.data.dicom import (
+    DICOM_SUFFIXES,
+    DicomOptions,
+    check_dicom,
+    looks_like_dicom,
+    read_dicom,
+)
+from vittune.data.pixel_limit import check_pixel_count
 from vittune.errors import DataError
 from vittune.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -28,13 +36,25 @@ try:
 except ImportError:  # optional: OpenCV decodes every JPEG then
     simplejpeg = None
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", *DICOM_SUFFIXES)
+_DICOM_PREFIX = 132  # bytes that identify a DICOM file (preamble + "DICM")
 
 # PIL's readers for the formats of IMAGE_SUFFIXES (found by content, as OpenCV does).
 _HEADER_READERS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 
 # ITU-R BT.601 luma weights, the same that PIL's convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix, or an extension-less DICOM file (PACS exports name files by
+    UID), found by its preamble."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.suffix or not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return looks_like_dicom(handle.read(_DICOM_PREFIX))
 
 
 def intensity_range(pixels: np.ndarray, mode: str = "dtype") -> tuple[float, float] | None:
@@ -134,16 +154,6 @@ def image_header(source: str | Path | bytes) -> tuple[tuple[int, int], str] | No
     return None
 
 
-def check_pixel_count(path: str | Path, width: int, height: int, max_pixels: int | None) -> None:
-    """Refuse images larger than `data.max_image_pixels` (decompression bombs)."""
-    if max_pixels and width * height > max_pixels:
-        raise DataError(
-            f"{path} declares {width} x {height} pixels ({width * height / 1e6:.0f} MP), more than "
-            f"data.max_image_pixels ({max_pixels:,}); a decompression bomb or a genuine large image: "
-            "raise data.max_image_pixels (null turns the limit off) if you trust the file"
-        )
-
-
 _JPEG_START = b"\xff\xd8\xff"  # a JPEG file's first bytes (SOI marker, then a segment)
 
 
@@ -206,9 +216,15 @@ def _decode(source: str | Path | bytes, name: str | Path, data: bytes | None = N
 def check_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Raise `DataError` unless `path` looks decodable and within the pixel limit.
 
-    Reads only the header where PIL knows the format (cheap: catches non-images, truncated
-    headers and decompression bombs); other files are decoded once to find out.
+    Reads only the header where PIL or pydicom knows the format (cheap: catches non-images,
+    non-image DICOM, truncated headers and decompression bombs); other files are decoded
+    once to find out.
     """
+    with open(path, "rb") as handle:
+        prefix = handle.read(_DICOM_PREFIX)
+    if looks_like_dicom(prefix, path):
+        check_dicom(path, path, max_pixels)
+        return
     size = image_size(path)
     if size is None:
         pixels = _decode(path, path)
@@ -220,9 +236,11 @@ def read_raw(
     source: str | Path | bytes,
     name: str | Path | None = None,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    dicom: DicomOptions | None = None,
 ) -> np.ndarray:
     """Decode a file (or its bytes) to its pixels as stored: [H, W] or [H, W, C] in RGB(A)
-    order, in the file's own type (uint8, uint16, int16, float32...), not scaled.
+    order, in the file's own type (uint8, uint16, int16, float32...), not scaled. DICOM
+    files (by name or preamble) are windowed as `dicom` says (see vittune.data.dicom).
 
     The pixel count declared in the header is checked before decoding, so a small file that
     inflates to gigabytes is refused without allocating them. `name` labels errors (the path
@@ -232,6 +250,8 @@ def read_raw(
     name = name if name is not None else ("<bytes>" if in_memory else source)
     source = bytes(source) if in_memory else source
     data = source if in_memory else Path(source).read_bytes()
+    if looks_like_dicom(data[:_DICOM_PREFIX], name):
+        return read_dicom(data, name, max_pixels, dicom)
     size = _jpeg_size(data) or image_size(data)
     if size is not None:
         check_pixel_count(name, *size, max_pixels)
@@ -252,13 +272,15 @@ def read_image(
     in_chans: int = 3,
     intensity: str = "dtype",
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    dicom: DicomOptions | None = None,
 ) -> np.ndarray:
-    """Decode any PNG/JPEG/TIFF/BMP (8 or 16 bit, grey, RGB, RGBA, palette) to float32 [H, W, C].
+    """Decode any PNG/JPEG/TIFF/BMP (8 or 16 bit, grey, RGB, RGBA, palette) or DICOM image to
+    float32 [H, W, C].
 
     The pixel count declared in the header is checked before decoding, so a small file that
     inflates to gigabytes is refused without allocating them.
     """
-    return to_float(read_raw(path, path, max_pixels), in_chans, intensity)
+    return to_float(read_raw(path, path, max_pixels, dicom), in_chans, intensity)
 
 
 def read_image_bytes(
@@ -267,7 +289,8 @@ def read_image_bytes(
     in_chans: int = 3,
     intensity: str = "dtype",
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    dicom: DicomOptions | None = None,
 ) -> np.ndarray:
     """`read_image` for a file's bytes already in memory (shards, object storage); `name`
-    only labels errors."""
-    return to_float(read_raw(bytes(data), name, max_pixels), in_chans, intensity)
+    labels errors (and marks DICOM by its suffix)."""
+    return to_float(read_raw(bytes(data), name, max_pixels, dicom), in_chans, intensity)

@@ -39,6 +39,7 @@ from vittune.data.datasets import (
     model_input,
 )
 from vittune.data.decode import read_raw, to_float
+from vittune.data.dicom import DicomOptions, options_from
 from vittune.errors import DataError
 from vittune.recipe.schema import DataConfig
 
@@ -168,13 +169,14 @@ class ItemDecoder:
     on_corrupt: str = "skip"
     max_pixels: int | None = None
     corrupt_log: CorruptLog | None = None
+    dicom: DicomOptions | None = None  # data.dicom_window / dicom_frame
     _warned: set[Path] = field(default_factory=set, repr=False)
 
     def __call__(
         self, data: bytes, name: str, labels: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
-            raw = read_raw(bytes(data), name, self.max_pixels)
+            raw = read_raw(bytes(data), name, self.max_pixels, self.dicom)
         except DataError as err:
             leave_out(err, Path(name), self.on_corrupt, self.corrupt_log, self._warned)
             return None
@@ -240,7 +242,7 @@ class ShardImages(Dataset):
     def load(self, index: int) -> np.ndarray:
         """float32 [H, W, in_chans] in [0, 1], as `ImageDataset.load` gives a file's pixels."""
         item, path = self._item(index)
-        raw = read_raw(bytes(item["image"]), path, self.transform.max_pixels)
+        raw = read_raw(bytes(item["image"]), path, self.transform.max_pixels, self.transform.dicom)
         return to_float(raw, self.transform.in_chans, self.transform.intensity)
 
     def _item(self, index: int) -> tuple[dict, str]:
@@ -279,6 +281,7 @@ def shard_dataset(
         on_corrupt=cfg.on_corrupt,
         max_pixels=cfg.max_image_pixels,
         corrupt_log=corrupt_log,
+        dicom=options_from(cfg),
     )
     if not train:
         return ShardImages(cfg.root, samples, decoder)

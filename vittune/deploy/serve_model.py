@@ -88,7 +88,7 @@ class ServedModel:
         run = load_trained_run(options.folder, [], options.weights)
         assembly = build_trained(run)
         self.run, self.classes, self.multi_label = run, run.classes, run.multi_label
-        self.transform = assembly.datamodule.eval_transform
+        self.transform, self.dicom = assembly.datamodule.eval_transform, assembly.datamodule.dicom
         data = run.recipe.data
         self.in_chans, self.intensity, self.limit = (
             run.recipe.model.in_chans,
@@ -107,7 +107,9 @@ class ServedModel:
 
     def preprocess(self, data: bytes, name: str) -> torch.Tensor:
         """[C, H, W]: predict's decoding and eval transform; `DataError` for a bad image."""
-        return image_tensor(data, name, self.transform, self.in_chans, self.intensity, self.limit)
+        return image_tensor(
+            data, name, self.transform, self.in_chans, self.intensity, self.limit, self.dicom
+        )
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> np.ndarray:

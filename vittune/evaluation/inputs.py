@@ -12,14 +12,14 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from vittune.data.decode import IMAGE_SUFFIXES
+from vittune.data.decode import IMAGE_SUFFIXES, is_image_file
 from vittune.errors import DataError
 
 _SUFFIXES = ", ".join(IMAGE_SUFFIXES)
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    return is_image_file(path)
 
 
 def _images_under(folder: Path) -> list[Path]:

@@ -36,7 +36,11 @@ def attention_for_files(
     for path in expand_inputs(inputs):
         try:
             pixels = read_image(
-                path, run.recipe.model.in_chans, cfg.intensity, cfg.max_image_pixels
+                path,
+                run.recipe.model.in_chans,
+                cfg.intensity,
+                cfg.max_image_pixels,
+                assembly.datamodule.dicom,
             )
         except DataError as err:
             failed.append(f"{path}: {err}")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vittune.data.datamodule import scan_readable, scan_sources
 from vittune.data.datasets import ImageDataset, Sample, SplitSamples
 from vittune.errors import DataError, RecipeError
+from vittune.evaluation.clinical_run import ClinicalOptions, check_clinical, clinical_numbers
 from vittune.evaluation.figures import (
     save_confusion_figure,
     save_mistakes_grid,
@@ -45,6 +46,7 @@ class Evaluation:
     skipped: list[Path]
     merging: list[dict] = field(default_factory=list)  # --token-merge rows, r = 0 first
     indices: list[int] = field(default_factory=list)  # the dataset index of each scored image
+    clinical: dict = field(default_factory=dict)  # AUROC CIs, operating point, per group
 
 
 class _Indexed(Dataset):
@@ -182,13 +184,19 @@ def _display_images(run: TrainedRun, dataset: Dataset, indices: list[int]) -> np
     return np.stack([p if p.ndim == 3 else p[:, :, None] for p in pixels]).transpose(0, 3, 1, 2)
 
 
-def _write_per_class_csv(report: EvaluationReport, path: Path) -> None:
+def _write_per_class_csv(report: EvaluationReport, path: Path, clinical: dict) -> None:
     columns = ["precision", "recall", "specificity", "f1", "auroc"]
+    bounds = {r["name"]: r for r in clinical.get("per_class", [])}
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["class", *columns, "support"])
+        writer.writerow(["class", *columns, "auroc_ci95_low", "auroc_ci95_high", "support"])
         for row in report.per_class.rows():
-            writer.writerow([row["name"], *(f"{row[c]:.6g}" for c in columns), row["support"]])
+            ci = [bounds.get(row["name"], {}).get(c) for c in ("auroc_ci95_low", "auroc_ci95_high")]
+            writer.writerow(
+                [row["name"], *(f"{row[c]:.6g}" for c in columns)]
+                + ["" if v is None else f"{v:.6g}" for v in ci]
+                + [row["support"]]
+            )
 
 
 def _target_names(report: EvaluationReport, target: np.ndarray) -> str:
@@ -203,8 +211,11 @@ def write_outputs(
     """metrics.json, per_class.csv, predictions.csv and the figures, into the eval folder."""
     report, folder = result.report, result.folder
     document = {**meta, **report.to_dict()}
+    if result.clinical:
+        document["auroc_macro_ci95"] = result.clinical["auroc_macro_ci95"]
+        document["clinical"] = result.clinical
     (folder / "metrics.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    _write_per_class_csv(report, folder / "per_class.csv")
+    _write_per_class_csv(report, folder / "per_class.csv", result.clinical)
     write_predictions(
         folder / "predictions.csv",
         result.paths,
@@ -241,10 +252,12 @@ def evaluate_run(
     temperature: bool = False,
     device: str = "auto",
     token_merge: list[int] | None = None,
+    clinical: ClinicalOptions | None = None,
 ) -> Evaluation:
     """Score a run; write `RUN/eval/<name>/` (never over an earlier evaluation)."""
     if split not in SPLITS:
         raise RecipeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    clinical = check_clinical(clinical or ClinicalOptions())
     overrides = list(overrides or [])
     run = load_trained_run(run_folder, overrides, weights)
     new_data = any(o.split("=", 1)[0].strip().startswith("data.") for o in overrides)
@@ -284,6 +297,20 @@ def evaluate_run(
         [samples[i].path for i in failed],
         merging,
         scored,
+    )
+
+    def val_scores() -> tuple[np.ndarray, np.ndarray]:  # the run's own validation split
+        if chosen == "val" and not new_data:
+            return probs, targets
+        own = load_trained_run(run_folder, [], weights)
+        picked, _ = choose_samples(own, "val", False)
+        built = build_trained(own, picked)
+        val = built.datamodule.dataset("val")
+        return predict_dataset(built.task, val, batch, cfg.num_workers, device_for(device))[2:]
+
+    groups = [samples[i].group for i in scored]
+    result.clinical = clinical_numbers(
+        run.folder, run.classes, clinical, probs, targets, groups, chosen, val_scores
     )
     meta = {
         "run": str(run.folder),

@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vittune.data.decode import read_raw, to_float
+from vittune.data.dicom import DicomOptions
 from vittune.errors import DataError, RecipeError
+from vittune.evaluation.clinical_run import load_operating_point
 from vittune.evaluation.inputs import expand_inputs
 from vittune.evaluation.prediction_csv import write_predictions
 from vittune.inference.evaluate import device_for
@@ -33,23 +35,34 @@ class Predictions:
 
 
 def image_tensor(
-    source: Path | bytes, name: str | Path, transform, in_chans: int, intensity: str, limit
+    source: Path | bytes,
+    name: str | Path,
+    transform,
+    in_chans: int,
+    intensity: str,
+    limit,
+    dicom: DicomOptions | None = None,
 ) -> torch.Tensor:
     """One image (a file or its bytes) decoded and transformed as `vittune predict` does.
 
     The one preprocessing step of predict, shared with `vittune serve` so that a served answer
     equals predict's for the same file. Raises `DataError` for an unreadable image.
     """
-    pixels = to_float(read_raw(source, name, limit), in_chans, intensity)  # [H, W, C] in [0, 1]
+    pixels = to_float(
+        read_raw(source, name, limit, dicom), in_chans, intensity
+    )  # [H, W, C] in [0, 1]
     return transform(image=pixels)["image"]  # [C, H, W], normalised
 
 
 class _Files(Dataset):
     """(index, image tensor or None, error or None) for each file, decoded as in training."""
 
-    def __init__(self, paths: list[Path], transform, in_chans: int, intensity: str, limit) -> None:
+    def __init__(
+        self, paths: list[Path], transform, in_chans: int, intensity: str, limit, dicom=None
+    ) -> None:
         self.paths, self.transform = paths, transform
         self.in_chans, self.intensity, self.limit = in_chans, intensity, limit
+        self.dicom = dicom
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +71,7 @@ class _Files(Dataset):
         path = self.paths[index]
         try:
             image = image_tensor(
-                path, path, self.transform, self.in_chans, self.intensity, self.limit
+                path, path, self.transform, self.in_chans, self.intensity, self.limit, self.dicom
             )
         except DataError as err:
             return index, None, str(err)
@@ -88,6 +101,7 @@ def predict_files(
     if top_k < 1:
         raise RecipeError(f"--top-k must be at least 1, got {top_k}")
     run = load_trained_run(run_folder, [], weights)
+    saved = load_operating_point(run.folder)
     paths = expand_inputs(inputs)
     assembly = build_trained(run)
     cfg, task = run.recipe.data, assembly.task
@@ -97,6 +111,7 @@ def predict_files(
         run.recipe.model.in_chans,
         cfg.intensity,
         cfg.max_image_pixels,
+        assembly.datamodule.dicom,
     )
     loader = DataLoader(
         files,
@@ -131,5 +146,6 @@ def predict_files(
         multi_label=run.multi_label,
         threshold=threshold,
         top_k=min(top_k, len(run.classes)),
+        operating=(saved or {}).get("thresholds"),  # `vittune evaluate --operating-point`
     )
     return Predictions(written, paths, probs, errors, run.classes)

@@ -50,6 +50,7 @@ def check_data(recipe: Recipe) -> None:
         )
     if data.format == "litdata":
         check_litdata(recipe)
+    check_groups(recipe)
     if len(set(map(len, filter(None, (data.mean, data.std))))) > 1:
         raise RecipeError(
             "data.mean and data.std must have the same length (one value per channel)"
@@ -58,6 +59,31 @@ def check_data(recipe: Recipe) -> None:
         raise RecipeError(
             f"data.mean has {len(data.mean)} values but model.in_chans is {recipe.model.in_chans};"
             " give one value per channel (or one for all)"
+        )
+
+
+def check_groups(recipe: Recipe) -> None:
+    """Patient-level splits: a CSV names groups in a column, a folder by a path regex."""
+    data = recipe.data
+    if data.group_column and not data.csv:
+        raise RecipeError(
+            "data.group_column names a column of data.csv; for an image folder use"
+            " data.group_pattern (a regex on the path), or list the images in a CSV"
+        )
+    if data.group_pattern and (not data.root or data.csv):
+        raise RecipeError(
+            "data.group_pattern is searched in paths under data.root; with data.csv give the"
+            " group in a column and set data.group_column"
+        )
+    if data.dicom_frame == "all" and (data.cache != "none" or data.format == "litdata"):
+        raise RecipeError(
+            "data.dicom_frame: all (one sample per frame) works on files without data.cache;"
+            " set data.cache: none and data.format: files, or choose middle / first"
+        )
+    if (data.group_column or data.group_pattern) and data.format == "litdata":
+        raise RecipeError(
+            "litdata shards keep the split they were written with: set data.group_* when"
+            " running `vittune prepare-data` with data.format: files, and drop it here"
         )
 
 

@@ -88,6 +88,24 @@ class DataConfig(Section):
     cache_dir: str | None = None  # None: $VITTUNE_CACHE_DIR, else ~/.cache/vittune/decoded
     pin_memory: bool | None = None  # None: on when training on a GPU
     prefetch_factor: int | None = Field(None, ge=1)  # batches each worker prepares ahead
+    # DICOM (docs/medical.md): the VOI window after the modality LUT; auto: the file's first
+    # window (else its full stored range), none: the full stored range, [center, width]: yours
+    dicom_window: Literal["auto", "none"] | tuple[float, float] = "auto"
+    # which frame of a multi-frame file is the image; all: one sample per frame
+    dicom_frame: Literal["middle", "first", "all"] = "middle"
+    # patient/study-level splits: val and test are carved by group, never splitting one
+    group_column: str | None = None  # CSV column naming each image's group (patient ID)
+    group_pattern: str | None = None  # regex with one group, searched in the path under root
+    allow_group_overlap: bool = False  # true: given splits may share a group (not advised)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # hold out a test split (by group)
+    splits_from: str | None = None  # a run's splits.csv: reuse its exact split
+
+    @field_validator("dicom_window")
+    @classmethod
+    def _window_width(cls, value: object) -> object:
+        if isinstance(value, tuple) and value[1] < 1:
+            raise ValueError("dicom_window is [center, width] with width >= 1, or auto / none")
+        return value
 
 
 class TransformSpec(Section):

@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vittune.data.groups import write_splits
 from vittune.deploy.timm_folder import export_best
 from vittune.errors import Preempted, RecipeError
 from vittune.files import atomic_write
@@ -142,6 +143,8 @@ def _fit_into(
         )
         sizes = {s: len(v) for s, v in assembly.datamodule.found.splits.items()}
         log(f"  data: {len(assembly.classes)} classes, images per split {sizes}")
+        found = assembly.datamodule.found  # the split, auditable and reusable (data.splits_from)
+        atomic_write(run_dir / "splits.csv", lambda p: write_splits(p, found))
         if wandb_message:
             log(f"  {wandb_message}")
     try:
@@ -199,4 +202,9 @@ def log_tests(
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         log(f"  {name} ({weights} weights): {shown}")
     report = evaluate_run(run_dir, [], split="test", name="test")
+    low, high = report.clinical.get("auroc_macro_ci95", (None, None))
+    if low is not None:
+        log(
+            f"  test AUROC macro {report.clinical['auroc_macro']:.4f}, 95% CI [{low:.4f}, {high:.4f}]"
+        )
     log(f"  test report: {report.folder}")
