@@ -9,7 +9,8 @@ import yaml
 from helpers import RECIPES, write_recipe
 
 from vittune.errors import RecipeError
-from vittune.recipe.load import deep_merge, dump_recipe, load_recipe, parse_override
+from vittune.recipe.load import dump_recipe, load_recipe
+from vittune.recipe.overrides import deep_merge, parse_override
 from vittune.recipe.schema import Recipe
 
 DIGITS = {"data": {"builtin": "digits"}}

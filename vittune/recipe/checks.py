@@ -15,6 +15,7 @@ import timm.optim
 from pydantic import ValidationError
 
 from vittune.errors import RecipeError
+from vittune.recipe.overrides import deep_merge, format_validation_error, parse_override
 from vittune.recipe.schema import Command, Recipe
 
 Check = Callable[[Recipe], None]
@@ -205,9 +206,6 @@ def check_sweep_space(recipe: Recipe, command: Command) -> None:
     """Every `sweep.space` key is a recipe key, and every end of its range (every choice) is a
     value the schema and this command's checks accept, so no trial can fail on a refused value
     of a single key. Combinations are tried by the trials themselves (a refused one fails it)."""
-    # load.py imports this module; its override helpers are needed only here
-    from vittune.recipe.load import deep_merge, format_validation_error, parse_override
-
     base = recipe.model_dump(mode="json", exclude={"sweep"})
     for key, entry in recipe.sweep.space.items():
         if any(key == owned or key.startswith(owned + ".") for owned in SWEEP_OWNED):

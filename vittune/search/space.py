@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from vittune.errors import RecipeError
 from vittune.recipe.checks import check_recipe
-from vittune.recipe.load import format_validation_error
+from vittune.recipe.overrides import format_validation_error
 from vittune.recipe.schema import Command, Recipe, SpaceEntry, SweepConfig
 
 if TYPE_CHECKING:
