@@ -115,7 +115,8 @@ def test_pruning_stops_bad_trials_early_and_failures_are_recorded(
     for row in pruned:  # its own metrics.csv holds the epochs it trained, no export
         assert len(val_losses(row["run_folder"])) == int(row["epochs"])
         assert not (Path(row["run_folder"]) / "model.safetensors").exists()
-        assert f"trial {row['number']} pruned: after {row['epochs']} epochs" in "\n".join(lines)
+        said = f"trial {row['number']} pruned: after {row['epochs']} epoch"
+        assert said + ("s" if row["epochs"] != "1" else "") + " (" in "\n".join(lines)
     study = optuna.load_study(
         study_name="tiny-sweep",
         storage=optuna.storages.JournalStorage(

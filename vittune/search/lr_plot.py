@@ -27,6 +27,10 @@ def write_plot(result: RangeTest, path: Path) -> Path:
             result.suggestion, color="C3", ls="--", label=f"suggested {result.suggestion:.2g}"
         )
     left.set(xscale="log", xlabel="optim.lr", ylabel="training loss", title="LR range test")
+    finite = [v for v in result.losses if v == v and abs(v) != float("inf")]
+    if finite:  # the smoothed curve decides the scale; spikes of the raw loss are cut off
+        top = 1.25 * max(max(result.smoothed[:1] + finite[:1]), max(result.smoothed))
+        left.set_ylim(min(finite) - 0.05 * abs(min(finite)), top)
     left.legend()
     # [step][group] -> one line per group: parallel lines on log axes = ratios kept
     for index, name in enumerate(result.group_names):

@@ -103,7 +103,7 @@ def write_best_recipe(
     atomic_write(path, lambda temp: temp.write_text(header + dump_recipe(best)))
 
 
-def write_figures(study: optuna.Study, folder: Path) -> tuple[list[Path], list[str]]:
+def write_figures(study: optuna.Study, folder: Path, monitor: str) -> tuple[list[Path], list[str]]:
     """Optuna's matplotlib figures; (written files, notes on the ones that cannot be drawn)."""
     import matplotlib
 
@@ -114,7 +114,9 @@ def write_figures(study: optuna.Study, folder: Path) -> tuple[list[Path], list[s
 
     written, notes = [], []
     for name, function in FIGURES.items():
-        kwargs = {"evaluator": FanovaImportanceEvaluator(seed=0)} if "importances" in name else {}
+        kwargs: dict[str, Any] = {"target_name": monitor}
+        if "importances" in name:
+            kwargs["evaluator"] = FanovaImportanceEvaluator(seed=0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
@@ -169,7 +171,7 @@ def write_report(
         result.best_number, result.best_value = best.number, best.value
         write_best_recipe(folder / "best_recipe.yaml", recipe, command, best, result.monitor)
         result.files.append(folder / "best_recipe.yaml")
-    figures, notes = write_figures(study, folder)
+    figures, notes = write_figures(study, folder, result.monitor)
     result.files += figures
     counts: dict[str, int] = {}
     for row in rows:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +99,6 @@ def run_sweep(
         seed,
         recipe.trainer.max_epochs,
     )
-    if created:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "experimental" since Optuna 3.2
-            study.set_metric_names([monitor])  # the figures' axis label
     # trial 0 = the recipe's own values; a grid runs every point anyway (and Optuna's grid
     # does not count an enqueued point as visited, so it would run twice)
     starts = created and cfg.start_from_recipe and cfg.sampler != "grid"
@@ -179,7 +174,8 @@ def _trial_line(study: Any, number: int, monitor: str) -> str:
     if trial.value is not None and state == "complete":
         detail = f"{monitor} {trial.value:.4f}"
     elif state == "pruned":
-        detail = f"after {trial.user_attrs.get('epochs', '?')} epochs"
+        epochs = trial.user_attrs.get("epochs", 0)
+        detail = f"after {epochs} epoch{'s' if epochs != 1 else ''}"
     else:
         detail = trial.user_attrs.get("fail_reason", "")
     return f"vittune sweep: trial {number} {state}: {detail} ({trial.user_attrs.get('wall_s', 0):.1f} s)"
