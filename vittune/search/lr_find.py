@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,11 @@ from lightning.pytorch.callbacks import Callback
 
 from vittune.errors import RecipeError
 from vittune.recipe.schema import Command, Recipe
+from vittune.search.results import RangeTest
 
 BETA = 0.98  # smoothing of the loss
 DIVERGED = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
 SKIP_START = 0.1  # share of the first steps the suggestion ignores
-
-
-@dataclass
-class RangeTest:
-    lrs: list[float] = field(default_factory=list)  # optim.lr at each step
-    losses: list[float] = field(default_factory=list)
-    smoothed: list[float] = field(default_factory=list)
-    group_names: list[str] = field(default_factory=list)
-    group_lrs: list[list[float]] = field(default_factory=list)  # [step][group], as stepped
-    scales: list[float] = field(default_factory=list)  # each group's lr / optim.lr
-    stopped: str = ""
-    suggestion: float | None = None
 
 
 def exponential_lrs(min_lr: float, max_lr: float, steps: int) -> list[float]:

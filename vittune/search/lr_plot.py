@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from vittune.training.run_folder import atomic_write
 
 if TYPE_CHECKING:
-    from vittune.search.lr_find import RangeTest
+    from vittune.search.results import RangeTest
 
 
 def write_plot(result: RangeTest, path: Path) -> Path:

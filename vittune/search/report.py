@@ -22,7 +22,7 @@ from vittune.training.run_folder import atomic_write
 if TYPE_CHECKING:
     import optuna
 
-    from vittune.search.sweep import SweepResult
+    from vittune.search.results import SweepResult
 
 FIGURES = {
     "optimization_history.png": "plot_optimization_history",

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vittune.errors import Preempted, RecipeError, VittuneError
 from vittune.recipe.schema import Command, Recipe
 from vittune.search.objective import TrialFailed, run_trial
+from vittune.search.results import SweepResult
 from vittune.search.space import grid_of, recipe_start, sweep_config
 from vittune.search.study import (
     INTERRUPTED,
@@ -27,17 +27,6 @@ from vittune.search.study import (
     remaining,
     requeue,
 )
-
-
-@dataclass
-class SweepResult:
-    sweep_dir: Path
-    study_name: str
-    monitor: str
-    ran: list[int]  # trial numbers this worker ran
-    best_number: int | None
-    best_value: float | None
-    files: list[Path] = field(default_factory=list)
 
 
 def monitor_for(recipe: Recipe, command: Command) -> tuple[str, str]:
