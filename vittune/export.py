@@ -30,6 +30,12 @@ from timm.layers import to_2tuple
 from timm.models._hub import generate_readme, save_config_for_hf
 from torch import nn
 
+from vittune.models.adapters.export_weights import (
+    ExportedWeights,
+    checkpoint_weights,
+    exported_weights,
+    write_adapter,
+)
 from vittune.models.weights import read_state_dict
 from vittune.recipe.schema import Command, Recipe
 from vittune.run_folder import atomic_write
@@ -204,6 +210,17 @@ def write_model_card(folder: Path, text: str) -> Path:
     return path
 
 
+def adapted_export(assembly: Assembly, recipe: Recipe, checkpoint: Path | None) -> ExportedWeights:
+    """PEFT / EMA runs: the checkpoint's EMA (else raw) weights, adapters merged."""
+    task = assembly.task
+    ema = getattr(task, "ema", None)
+    if checkpoint is not None:
+        state = checkpoint_weights(checkpoint, ema=ema is not None)
+    else:
+        state = (ema.module if ema is not None else task.model).state_dict()
+    return exported_weights(task.model, recipe.peft, state)
+
+
 def export_best(
     assembly: Assembly,
     recipe: Recipe,
@@ -217,14 +234,24 @@ def export_best(
     module = assembly.export_module(assembly.task)
     candidates = [best_checkpoint, str(run_dir / "checkpoints" / "last.ckpt")]
     best = next((p for p in candidates if p and Path(p).is_file()), None)
-    state = read_state_dict(Path(best)) if best else module.state_dict()
-    own = set(module.state_dict())
-    state = {k: v for k, v in state.items() if k in own}
+    adapted = None
+    if recipe.peft.method != "none" or recipe.ema is not None:
+        adapted = adapted_export(assembly, recipe, Path(best) if best else None)
+        module, state = adapted.module, adapted.state
+    else:
+        state = read_state_dict(Path(best)) if best else module.state_dict()
+        own = set(module.state_dict())
+        state = {k: v for k, v in state.items() if k in own}
     size, chans = recipe.model.img_size, recipe.model.in_chans
     config = export_config(
         module, assembly.classes, size, chans, assembly.mean, assembly.std, command
     )
+    if adapted is not None:
+        config["vittune"]["peft"] = {"method": recipe.peft.method, "merged": adapted.merged}
+        config["vittune"]["ema"] = recipe.ema is not None
     path = write_export(state, config, run_dir, assembly.export_name)
+    if adapted is not None and recipe.peft.method != "none":
+        write_adapter(adapted, recipe.peft, run_dir, assembly.report.source)
     facts = {
         "name": run_dir.name,
         "run_dir": str(run_dir),

@@ -7,13 +7,16 @@ scaling, mean/std) that training used; only the weights come from the run folder
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from vittune.assembly import Assembly, build
 from vittune.data.datasets import Sample, SplitSamples
 from vittune.errors import DataError, RecipeError
+from vittune.models.adapters.loading import recipe_for_weights
 from vittune.models.run_config import read_run_config
+from vittune.models.weights import read_state_dict
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import Recipe
 
@@ -26,6 +29,7 @@ class TrainedRun:
     recipe: Recipe
     classes: list[str]
     weights: Path
+    load_after_build: bool = False  # weights that keep their adapters (models/adapters/loading)
 
     @property
     def multi_label(self) -> bool:
@@ -79,7 +83,10 @@ def load_trained_run(
     # `task` goes: a distilled student is scored as the classifier it is (its two heads
     # averaged, which is what timm's distilled DeiT returns in eval mode).
     recipe = recipe.model_copy(update={"model": model, "task": None, "distill": None})
-    return TrainedRun(folder, recipe, _run_classes(folder), path)
+    classes = _run_classes(folder)  # config.json is there and checked
+    config = json.loads((folder / "config.json").read_text())
+    recipe, after = recipe_for_weights(recipe, path, config)
+    return TrainedRun(folder, recipe, classes, path, after)
 
 
 def align_to_run(found: SplitSamples, run_classes: list[str]) -> SplitSamples:
@@ -107,6 +114,8 @@ def build_trained(run: TrainedRun, found: SplitSamples | None = None) -> Assembl
     """The run's classifier with its trained head, and a data module over `found`."""
     stand_in = SplitSamples.classes_only(run.classes)
     assembly = build(run.recipe, "finetune", found=found or stand_in)
+    if run.load_after_build:
+        assembly.task.model.load_state_dict(read_state_dict(run.weights), strict=True)
     if assembly.report.reinitialised:
         raise RecipeError(
             f"{run.weights} holds no trained head for the run's {len(run.classes)} classes"
