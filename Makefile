@@ -13,7 +13,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,export,stream]'
+	$(BIN)/pip install -q -e '.[dev,export,stream,peft]'
 
 demo: install
 	$(BIN)/vittune finetune recipes/quickstart.yaml
