@@ -153,3 +153,25 @@ def test_peft_with_freezing_is_one_clear_recipe_error(workspace: Path) -> None:
             ["peft.method=lora", "freeze.unfreeze_schedule={1: 0}"],
             command="finetune",
         )
+
+
+def test_bf16_mixed_lora_with_ema_trains_and_merges(workspace: Path, source: Path) -> None:
+    run = train(
+        workspace,
+        "finetune",
+        "peft.method=lora",
+        "ema={decay: 0.9}",
+        "trainer.precision=bf16-mixed",
+        "trainer.max_epochs=1",
+        f"model.pretrained={source}",
+        "logging.name=bf16",
+    )
+    state = checkpoint_weights(best_checkpoint(run), ema=True)
+    assert state["blocks.0.attn.qkv.lora_A.default.weight"].dtype == torch.float32
+    plain = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    adapted = build(load_recipe(run / "recipe.yaml", [], command="finetune"), "finetune")
+    model = adapted.task.model.eval()
+    model.load_state_dict(state)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(images), model(images), atol=1e-5)
