@@ -81,6 +81,8 @@ def test_every_method_trains_and_exports(workspace: Path, source: Path, method: 
         with pytest.raises(RuntimeError, match="vpt_prompt"):
             timm.create_model(f"local-dir:{run}", pretrained=True)
     assert (run / "adapter" / "vittune_adapter.json").is_file()
+    card = (run / "README.md").read_text()
+    assert ("plain timm refuses it" if method == "vpt_deep" else "merged into these") in card
 
 
 def timm_args(run: Path) -> dict:

@@ -170,6 +170,8 @@ def model_card(facts: dict[str, Any]) -> str:
     if facts.get("metrics"):
         details["Metrics"] = {k: f"{v:.4f}" for k, v in facts["metrics"].items()}
     details["Recipe"] = f"[{facts['recipe']}]({facts['recipe']}) in the run folder"
+    if facts.get("peft"):
+        details["Adapter"] = facts["peft"]
     head = "with its trained head" if n else "without a head (pass num_classes=N for a new one)"
     usage = (
         f"The folder follows timm's hub layout: timm builds the model {head} and reads the "
@@ -219,6 +221,20 @@ def adapted_export(assembly: Assembly, recipe: Recipe, checkpoint: Path | None) 
     else:
         state = (ema.module if ema is not None else task.model).state_dict()
     return exported_weights(task.model, recipe.peft, state)
+
+
+def peft_note(recipe: Recipe, adapted: ExportedWeights | None) -> str | None:
+    """The model card's line on a PEFT run's weights and its `adapter/` (docs/peft.md)."""
+    method = recipe.peft.method
+    if adapted is None or method == "none":
+        return None
+    if adapted.merged:
+        return f"{method}, merged into these weights; the adapter alone is in `adapter/`"
+    return (
+        f"{method}: its prompts cannot merge into timm weights, so `{method}` tensors are in"
+        " the weight file and plain timm refuses it; load it with vittune or apply `adapter/`"
+        " (docs/peft.md)"
+    )
 
 
 def export_best(
@@ -272,6 +288,7 @@ def export_best(
         else None,
         "metrics": dict(metrics or {}),
         "recipe": "recipe.yaml",
+        "peft": peft_note(recipe, adapted),
     }
     write_model_card(run_dir, model_card(facts))
     return path

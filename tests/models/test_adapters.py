@@ -225,3 +225,9 @@ def test_layer_decay_gives_each_adapter_its_blocks_lr(method: str) -> None:
         # timm's ids: stem 0, blocks 1..depth, head depth + 1; scale decay ** (depth - block)
         assert lr_of[name] == pytest.approx(lr * decay ** (DEPTH - block)), name
     assert lr_of["head.weight"] == pytest.approx(lr)
+
+
+def test_ssf_refuses_a_layer_without_bias_before_training() -> None:
+    model = tiny_vit(qkv_bias=False)
+    with pytest.raises(RecipeError, match=r"blocks\.0\.attn\.qkv has no bias"):
+        apply_peft(model, PeftConfig(method="ssf"))

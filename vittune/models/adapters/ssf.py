@@ -40,6 +40,11 @@ def add_ssf(model: nn.Module, targets: list[str]) -> nn.Module:
                 f"SSF follows linear layers and LayerNorms; {name} is a {type(layer).__name__}:"
                 " drop it from peft.targets"
             )
+        if layer.bias is None:  # checked now, not at the export after training
+            raise RecipeError(
+                f"SSF folds into the layer it follows, and {name} has no bias (e.g. a model"
+                " built with qkv_bias=False); drop it from peft.targets"
+            )
         channels = layer.out_features if isinstance(layer, nn.Linear) else layer.weight.shape[0]
         weight = layer.weight
         scale = nn.Parameter(torch.empty(channels, device=weight.device, dtype=weight.dtype))
