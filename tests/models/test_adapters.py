@@ -231,3 +231,14 @@ def test_ssf_refuses_a_layer_without_bias_before_training() -> None:
     model = tiny_vit(qkv_bias=False)
     with pytest.raises(RecipeError, match=r"blocks\.0\.attn\.qkv has no bias"):
         apply_peft(model, PeftConfig(method="ssf"))
+
+
+def test_vpt_deep_attention_maps_skip_the_prompts_and_token_merging_refuses() -> None:
+    from vittune.attention import attention_maps
+    from vittune.token_merging import token_merging
+
+    model, _ = trained("vpt_deep")
+    heads, rollout = attention_maps(model, torch.randn(2, 3, 32, 32))
+    assert heads.shape == (2, 2, 32, 32) and rollout.shape == (2, 32, 32)
+    with pytest.raises(RecipeError, match="vpt_deep"), token_merging(model, 2):
+        pass
