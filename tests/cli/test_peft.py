@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli
 from helpers import RECIPES
 
+from vittune.assembly import build
 from vittune.evaluate import choose_samples
 from vittune.models.adapters import load_adapter
 from vittune.recipe.load import load_recipe
@@ -65,6 +66,10 @@ def test_quickstart_lora_from_a_run_exports_merged_weights_plain_timm_reproduces
     run = work / "runs" / "lora"
     share = float(re.search(r"trainable \(([\d.]+)%", result.stdout).group(1))
     assert 0 < share < 10
+    built = build(load_recipe(run / "recipe.yaml", [], command="finetune"), "finetune")
+    counts = [p.numel() for p in built.task.model.parameters()]
+    trained = [p.numel() for p in built.task.model.parameters() if p.requires_grad]
+    assert share == round(100 * sum(trained) / sum(counts), 1)  # the EMA copy not counted
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in (run / "adapter").iterdir()
     }
