@@ -231,9 +231,9 @@ def peft_note(recipe: Recipe, adapted: ExportedWeights | None) -> str | None:
     if adapted.merged:
         return f"{method}, merged into these weights; the adapter alone is in `adapter/`"
     return (
-        f"{method}: its prompts cannot merge into timm weights, so `{method}` tensors are in"
-        " the weight file and plain timm refuses it; load it with vittune or apply `adapter/`"
-        " (docs/peft.md)"
+        f"{method}: its prompts cannot merge into timm weights, so the weight file also holds"
+        " `blocks.N.vpt_prompt` tensors and plain timm refuses it; load it with vittune or"
+        " apply `adapter/` (docs/peft.md)"
     )
 
 
