@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_class_images
 from helpers import tiny, write_recipe
 from safetensors.torch import load_file
@@ -79,18 +80,33 @@ def test_the_average_follows_the_formula_and_validation_scores_both(tmp_path: Pa
         assert torch.allclose(average[key], value, atol=1e-6), key
     assert not torch.equal(average["head.weight"], task.model.state_dict()["head.weight"])
 
-    # val/* is the average's accuracy, val_raw/* the trained weights', on the same images
+    # val/* scores the average, val_raw/* the trained weights, on the same images: accuracy
+    # and the mean cross-entropy (continuous, so the two cannot agree by chance)
     task.eval()
-    hits = {"ema": 0, "raw": 0}
-    total = 0
+    logits = {"ema": [], "raw": []}
+    targets = []
     with torch.no_grad():
         for images, labels in assembly.datamodule.val_dataloader():
-            hits["ema"] += int((task.ema.module(images).argmax(-1) == labels).sum())
-            hits["raw"] += int((task.model(images).argmax(-1) == labels).sum())
-            total += len(labels)
+            logits["ema"].append(task.ema.module(images))
+            logits["raw"].append(task.model(images))
+            targets.append(labels)
+    target = torch.cat(targets)
+    direct = {}
+    for name, parts in logits.items():
+        joined = torch.cat(parts)  # [N, K]
+        direct[name] = (
+            float((joined.argmax(-1) == target).float().mean()),
+            float(F.cross_entropy(joined, target)),
+        )
+    assert direct["ema"][1] != pytest.approx(direct["raw"][1])
     logged = trainer.callback_metrics
-    assert float(logged["val/acc1"]) == pytest.approx(hits["ema"] / total)  # float32 logged
-    assert float(logged["val_raw/acc1"]) == pytest.approx(hits["raw"] / total)
+    assert float(logged["val/acc1"]) == pytest.approx(direct["ema"][0])
+    assert float(logged["val/loss"]) == pytest.approx(direct["ema"][1], rel=1e-5)
+    assert float(logged["val_raw/acc1"]) == pytest.approx(direct["raw"][0])
+    assert float(logged["val_raw/loss"]) == pytest.approx(direct["raw"][1], rel=1e-5)
+    # the test report scores the average too (here on the validation images)
+    tested = trainer.test(task, dataloaders=assembly.datamodule.val_dataloader(), verbose=False)
+    assert tested[0]["test/loss"] == pytest.approx(direct["ema"][1], rel=1e-5)
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
