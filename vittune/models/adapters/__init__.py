@@ -127,7 +127,10 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
 
 def load_adapter(base: nn.Module, folder: str | Path) -> nn.Module:
     """`base` (a timm model with the weights the run started from and the run's head size)
-    with the adapter in `folder` applied and merged (VPT-deep: applied, not merged)."""
+    with the adapter in `folder` applied and merged (VPT-deep: applied, not merged).
+
+    `base` itself receives the adapters (in place); pass a copy to keep it plain.
+    """
     from safetensors.torch import load_file  # noqa: PLC0415
 
     folder = Path(folder)
