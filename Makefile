@@ -13,7 +13,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,export,stream,sweep,serve,medical]'
+	$(BIN)/pip install -q -e '.[dev,export,stream,sweep,serve,medical,peft]'
 
 demo: install
 	$(BIN)/vittune finetune recipes/quickstart.yaml

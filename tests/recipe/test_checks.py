@@ -65,6 +65,14 @@ def load_error(tmp_path: Path, command: str, *overrides: str) -> str:
         ("finetune", [r"data.group_pattern=(P\d+)_"], "searched in paths under data.root"),
         ("finetune", ["data.dicom_window=[40, 0]"], "width >= 1"),
         ("finetune", ["data.dicom_frame=all", "data.cache=memory"], "one sample per frame"),
+        ("finetune", ["peft.method=lora", "freeze.linear_probe=true"], "remove freeze.linear"),
+        ("distill", [TEACHER, "peft.method=ssf", "freeze.frozen_blocks=2"], "peft.method: ssf"),
+        ("finetune", ["peft.method=ia3", "peft.targets=[]"], "peft.targets is empty"),
+        ("finetune", ["peft.method=lora", "peft.targets=[attn.qkv, attn.qkv]"], "twice"),
+        ("finetune", ["peft.rnak=4"], "did you mean `peft.rank`"),
+        ("finetune", ["ema.decai=0.9"], "did you mean `ema.decay`"),
+        ("pretrain-mae", ["peft.method=lora"], "MAE pretraining trains it whole"),
+        ("pretrain-mae", ["ema.decay=0.99"], "remove the ema: section"),
     ],
 )
 def test_recipe_only_rules_fail_at_load_time(

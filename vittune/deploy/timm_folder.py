@@ -31,6 +31,12 @@ from timm.models._hub import generate_readme, save_config_for_hf
 from torch import nn
 
 from vittune.files import atomic_write
+from vittune.models.adapters.export_weights import (
+    ExportedWeights,
+    checkpoint_weights,
+    exported_weights,
+    write_adapter,
+)
 from vittune.models.weights import read_state_dict
 from vittune.recipe.schema import Command, Recipe
 
@@ -164,6 +170,8 @@ def model_card(facts: dict[str, Any]) -> str:
     if facts.get("metrics"):
         details["Metrics"] = {k: f"{v:.4f}" for k, v in facts["metrics"].items()}
     details["Recipe"] = f"[{facts['recipe']}]({facts['recipe']}) in the run folder"
+    if facts.get("peft"):
+        details["Adapter"] = facts["peft"]
     head = "with its trained head" if n else "without a head (pass num_classes=N for a new one)"
     usage = (
         f"The folder follows timm's hub layout: timm builds the model {head} and reads the "
@@ -204,6 +212,31 @@ def write_model_card(folder: Path, text: str) -> Path:
     return path
 
 
+def adapted_export(assembly: Assembly, recipe: Recipe, checkpoint: Path | None) -> ExportedWeights:
+    """PEFT / EMA runs: the checkpoint's EMA (else raw) weights, adapters merged."""
+    task = assembly.task
+    ema = getattr(task, "ema", None)
+    if checkpoint is not None:
+        state = checkpoint_weights(checkpoint, ema=ema is not None)
+    else:
+        state = (ema.module if ema is not None else task.model).state_dict()
+    return exported_weights(task.model, recipe.peft, state)
+
+
+def peft_note(recipe: Recipe, adapted: ExportedWeights | None) -> str | None:
+    """The model card's line on a PEFT run's weights and its `adapter/` (docs/peft.md)."""
+    method = recipe.peft.method
+    if adapted is None or method == "none":
+        return None
+    if adapted.merged:
+        return f"{method}, merged into these weights; the adapter alone is in `adapter/`"
+    return (
+        f"{method}: its prompts cannot merge into timm weights, so the weight file also holds"
+        " `blocks.N.vpt_prompt` tensors and plain timm refuses it; load it with vittune or"
+        " apply `adapter/` (docs/peft.md)"
+    )
+
+
 def export_best(
     assembly: Assembly,
     recipe: Recipe,
@@ -217,14 +250,24 @@ def export_best(
     module = assembly.export_module(assembly.task)
     candidates = [best_checkpoint, str(run_dir / "checkpoints" / "last.ckpt")]
     best = next((p for p in candidates if p and Path(p).is_file()), None)
-    state = read_state_dict(Path(best)) if best else module.state_dict()
-    own = set(module.state_dict())
-    state = {k: v for k, v in state.items() if k in own}
+    adapted = None
+    if recipe.peft.method != "none" or recipe.ema is not None:
+        adapted = adapted_export(assembly, recipe, Path(best) if best else None)
+        module, state = adapted.module, adapted.state
+    else:
+        state = read_state_dict(Path(best)) if best else module.state_dict()
+        own = set(module.state_dict())
+        state = {k: v for k, v in state.items() if k in own}
     size, chans = recipe.model.img_size, recipe.model.in_chans
     config = export_config(
         module, assembly.classes, size, chans, assembly.mean, assembly.std, command
     )
+    if adapted is not None:
+        config["vittune"]["peft"] = {"method": recipe.peft.method, "merged": adapted.merged}
+        config["vittune"]["ema"] = recipe.ema is not None
     path = write_export(state, config, run_dir, assembly.export_name)
+    if adapted is not None and recipe.peft.method != "none":
+        write_adapter(adapted, recipe.peft, run_dir, assembly.report.source)
     facts = {
         "name": run_dir.name,
         "run_dir": str(run_dir),
@@ -245,6 +288,7 @@ def export_best(
         else None,
         "metrics": dict(metrics or {}),
         "recipe": "recipe.yaml",
+        "peft": peft_note(recipe, adapted),
     }
     write_model_card(run_dir, model_card(facts))
     return path

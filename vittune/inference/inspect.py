@@ -14,6 +14,7 @@ from vittune.data.datamodule import scan_sources
 from vittune.data.datasets import SplitSamples
 from vittune.errors import DataError, WeightsError
 from vittune.models.backbone import count_parameters
+from vittune.optim.memory import training_memory
 from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.schema import Command, Recipe
 from vittune.tasks.assembly import Assembly, build
@@ -114,6 +115,35 @@ def _task_lines(recipe: Recipe, command: Command, assembly: Assembly) -> list[st
     return lines
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _peft_lines(recipe: Recipe, trainable: int, total: int) -> list[str]:
+    """The PEFT method and what training holds besides activations (optim/memory.py)."""
+    peft = recipe.peft
+    lines = []
+    if peft.method != "none":
+        detail = {
+            "lora": f"rank {peft.rank}, alpha {peft.alpha:g} on {', '.join(peft.targets)}",
+            "dora": f"rank {peft.rank}, alpha {peft.alpha:g} on {', '.join(peft.targets)}",
+            "ia3": f"scales on {', '.join(peft.targets)}",
+            "ssf": f"scale + shift after {', '.join(peft.targets)}, norm1, norm2",
+            "vpt": f"{peft.prompt_tokens} prompt tokens before block 0",
+            "vpt_deep": f"{peft.prompt_tokens} prompt tokens before every block",
+            "bitfit": "bias terms" + (" and norm scales" if peft.bitfit_norms else ""),
+        }[peft.method]
+        lines.append(f"peft         {peft.method}: {detail}; the head trains in full")
+    memory = training_memory(total, trainable, recipe.optim.name, recipe.ema is not None)
+    ema = f" + EMA copy {_mb(memory.ema)}" if memory.ema else ""
+    lines.append(
+        f"memory       {_mb(memory.total)} float32 besides activations: weights"
+        f" {_mb(memory.weights)} + gradients {_mb(memory.gradients)} + {recipe.optim.name}"
+        f" state {_mb(memory.optimiser)}{ema}"
+    )
+    return lines
+
+
 def inspect_recipe(recipe: Recipe, command: Command = "finetune") -> str:
     """A report of the backbone, token grid, weight loading, parameter groups and FLOPs."""
     found, data_note = _found(recipe, command)
@@ -166,6 +196,7 @@ def inspect_recipe(recipe: Recipe, command: Command = "finetune") -> str:
     out.append(
         f"parameters   {trainable:,} trainable of {total:,} ({100.0 * trainable / max(total, 1):.1f}%)"
     )
+    out += _peft_lines(recipe, trainable, total)
     flops = forward_flops(model, recipe.model.in_chans, recipe.model.img_size)
     out.append(f"forward      {flops / 1e9:.3f} GFLOPs per image (torch flop counter)")
     return "\n".join(out)

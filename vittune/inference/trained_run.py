@@ -7,12 +7,15 @@ scaling, mean/std) that training used; only the weights come from the run folder
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from vittune.data.datasets import Sample, SplitSamples
 from vittune.errors import DataError, RecipeError
+from vittune.models.adapters.loading import recipe_for_weights
 from vittune.models.run_config import read_run_config
+from vittune.models.weights import read_state_dict
 from vittune.recipe.load import load_recipe
 from vittune.recipe.schema import Recipe
 from vittune.tasks.assembly import Assembly, build
@@ -26,6 +29,7 @@ class TrainedRun:
     recipe: Recipe
     classes: list[str]
     weights: Path
+    load_after_build: bool = False  # weights that keep their adapters (models/adapters/loading)
 
     @property
     def multi_label(self) -> bool:
@@ -82,7 +86,10 @@ def load_trained_run(
     # `balanced` would count a train split that inference neither has nor needs.
     loss = recipe.loss.model_copy(update={"class_weights": "none"})
     recipe = recipe.model_copy(update={"model": model, "task": None, "distill": None, "loss": loss})
-    return TrainedRun(folder, recipe, _run_classes(folder), path)
+    classes = _run_classes(folder)  # config.json is there and checked
+    config = json.loads((folder / "config.json").read_text())
+    recipe, after = recipe_for_weights(recipe, path, config)
+    return TrainedRun(folder, recipe, classes, path, after)
 
 
 def align_to_run(found: SplitSamples, run_classes: list[str]) -> SplitSamples:
@@ -110,6 +117,8 @@ def build_trained(run: TrainedRun, found: SplitSamples | None = None) -> Assembl
     """The run's classifier with its trained head, and a data module over `found`."""
     stand_in = SplitSamples.classes_only(run.classes)
     assembly = build(run.recipe, "finetune", found=found or stand_in)
+    if run.load_after_build:
+        assembly.task.model.load_state_dict(read_state_dict(run.weights), strict=True)
     if assembly.report.reinitialised:
         raise RecipeError(
             f"{run.weights} holds no trained head for the run's {len(run.classes)} classes"

@@ -75,6 +75,14 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tens
     return captured
 
 
+def prompt_tokens(model: nn.Module) -> int:
+    """Learned prompt tokens inside the blocks (unmerged VPT), 0 for any other model."""
+    from vittune.models.adapters.vpt import PROMPT  # noqa: PLC0415
+
+    prompt = getattr(model.blocks[0], PROMPT, None) if hasattr(model, "blocks") else None
+    return int(prompt.shape[1]) if prompt is not None else 0
+
+
 def token_layout(model: nn.Module) -> tuple[int, tuple[int, int]]:
     """(prefix tokens: class, distillation and register tokens; the patch grid (rows, cols))."""
     if getattr(model, "cls_token", None) is None:
@@ -82,7 +90,8 @@ def token_layout(model: nn.Module) -> tuple[int, tuple[int, int]]:
             f"{type(model).__name__} has no class token, so it has no class-token attention"
         )
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    return int(model.num_prefix_tokens), grid
+    # VPT-deep prompts sit after the prefix tokens inside every block (models/adapters/vpt.py)
+    return int(model.num_prefix_tokens) + prompt_tokens(model), grid
 
 
 def class_token_attention(

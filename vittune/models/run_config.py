@@ -35,7 +35,7 @@ TIMM_KEYS = frozenset(
     }
 )
 VITTUNE_KEY = "vittune"
-VITTUNE_KEYS = frozenset({"version", "task", "classes", "patch_size", "grid"})
+VITTUNE_KEYS = frozenset({"version", "task", "classes", "patch_size", "grid", "peft", "ema"})
 # The flat format vittune wrote before it followed timm's layout.
 LEGACY_KEYS = frozenset(
     {

@@ -45,6 +45,11 @@ def check_supported(model: nn.Module) -> None:
             f" {model.global_pool!r}, which would need size-weighted pooling"
         )
     for block in model.blocks:
+        if block._forward_hooks or block._forward_pre_hooks:  # VPT-deep prompts (adapters/vpt)
+            raise RecipeError(
+                "token merging runs the blocks' parts itself and would skip the prompts a"
+                " peft.method: vpt_deep run adds to each block; score it without --token-merge"
+            )
         if type(block) is not Block or type(block.attn) is not Attention:
             raise RecipeError(
                 f"token merging supports timm's plain ViT blocks; {type(block).__name__} with"

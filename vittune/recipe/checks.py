@@ -178,11 +178,51 @@ def check_distill(recipe: Recipe) -> None:
         )
 
 
+def check_peft(recipe: Recipe) -> None:
+    """PEFT replaces freezing: the adapters are what trains, the backbone stays frozen."""
+    peft, freeze = recipe.peft, recipe.freeze
+    if peft.method == "none":
+        return
+    clash = [
+        key
+        for key, on in (
+            ("freeze.linear_probe", freeze.linear_probe),
+            ("freeze.frozen_blocks", freeze.frozen_blocks > 0),
+            ("freeze.unfreeze_schedule", bool(freeze.unfreeze_schedule)),
+        )
+        if on
+    ]
+    if clash:
+        raise RecipeError(
+            f"peft.method: {peft.method} already freezes the backbone and trains only its"
+            f" adapters and head; remove {', '.join(clash)} (or set peft.method: none)"
+        )
+    if peft.method in ("lora", "dora", "ia3") and not peft.targets:
+        raise RecipeError(
+            f"peft.targets is empty: {peft.method} needs layers to adapt, e.g."
+            " [attn.qkv, attn.proj, mlp.fc1, mlp.fc2]"
+        )
+    if len(set(peft.targets)) != len(peft.targets):
+        raise RecipeError(f"peft.targets lists a layer twice: {peft.targets}")
+
+
+def check_not_for_mae(recipe: Recipe) -> None:
+    if recipe.peft.method != "none":
+        raise RecipeError(
+            "peft is for fine-tuning a pretrained encoder; MAE pretraining trains it whole:"
+            " set peft.method: none (then fine-tune the MAE run with peft)"
+        )
+    if recipe.ema is not None:
+        raise RecipeError(
+            "ema applies to vittune finetune and distill; remove the ema: section for MAE"
+        )
+
+
 COMMON: list[Check] = [check_model, check_data, check_optim, check_mixing, check_loss]
 CHECKS: dict[str, list[Check]] = {
-    "finetune": [*COMMON, check_freeze],
-    "pretrain-mae": [*COMMON, check_mae],
-    "distill": [*COMMON, check_freeze, check_distill],
+    "finetune": [*COMMON, check_freeze, check_peft],
+    "pretrain-mae": [*COMMON, check_mae, check_not_for_mae],
+    "distill": [*COMMON, check_freeze, check_distill, check_peft],
 }
 
 

@@ -307,6 +307,39 @@ class SweepConfig(Section):
     heartbeat_s: int = Field(30, ge=1)
 
 
+PeftMethod = Literal["none", "lora", "dora", "ia3", "vpt", "vpt_deep", "ssf", "bitfit"]
+
+
+class PeftConfig(Section):
+    """Parameter-efficient transfer: train small adapters on a frozen backbone (docs/peft.md).
+
+    The head (and a DeiT's distillation head) always trains in full.
+    """
+
+    method: PeftMethod = "none"
+    rank: int = Field(8, ge=1)  # lora/dora: rank of the update
+    alpha: float = Field(16.0, gt=0.0)  # lora/dora: the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # lora/dora: dropout on the adapter's input
+    # modules inside every block that lora/dora/ia3/ssf adapt (timm names under blocks.N)
+    targets: list[str] = Field(
+        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    )
+    prompt_tokens: int = Field(10, ge=1)  # vpt/vpt_deep: learned tokens per block
+    bitfit_norms: bool = False  # bitfit: also train the norms' scale (their bias always trains)
+
+
+class EmaConfig(Section):
+    """An exponential moving average of the trained model's weights (timm's ModelEmaV3).
+
+    Validation scores the average (`val/*`) and the raw weights (`val_raw/*`); the export and
+    the test report use the average.
+    """
+
+    decay: float = Field(0.9998, gt=0.0, lt=1.0)
+    every_n_steps: int = Field(1, ge=1)  # update after every n optimiser steps
+    start_epoch: int = Field(0, ge=0)  # before this epoch the average copies the weights
+
+
 class Recipe(Section):
     task: Command | None = None  # optional: checked against the command that runs it
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -322,3 +355,5 @@ class Recipe(Section):
     mae: MaeConfig | None = None
     distill: DistillConfig | None = None
     sweep: SweepConfig | None = None  # read by `vittune sweep` only
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    ema: EmaConfig | None = None

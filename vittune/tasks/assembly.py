@@ -18,6 +18,7 @@ from torch import nn
 from vittune.data.datamodule import ImageDataModule, scan_sources
 from vittune.data.datasets import SplitSamples
 from vittune.errors import DataError, RecipeError
+from vittune.models.adapters import apply_peft
 from vittune.models.backbone import LoadReport, create_backbone
 from vittune.models.freezing import apply_freeze, frozen_blocks_at
 from vittune.models.normalisation import resolve_normalisation
@@ -25,6 +26,7 @@ from vittune.recipe.schema import Command, Recipe
 from vittune.tasks.base import VitTask
 from vittune.tasks.callbacks import AttentionMaps, GradualUnfreeze
 from vittune.tasks.classification import ClassificationTask
+from vittune.tasks.ema import EmaUpdate
 from vittune.tasks.losses import balanced_class_weights
 
 
@@ -76,6 +78,16 @@ def freeze_for_recipe(model: nn.Module, recipe: Recipe) -> list[Callback]:
     return [GradualUnfreeze(cfg, recipe.optim)] if cfg.unfreeze_schedule else []
 
 
+def adapt_for_recipe(model: nn.Module, recipe: Recipe) -> list[Callback]:
+    """`peft:` adapters (which also freeze the backbone) or the `freeze:` settings; and the
+    EMA's update callback when the recipe has an `ema:` section."""
+    ema = [EmaUpdate(recipe.ema)] if recipe.ema is not None else []
+    if recipe.peft.method == "none":
+        return freeze_for_recipe(model, recipe) + ema
+    apply_peft(model, recipe.peft)
+    return ema
+
+
 def attention_callbacks(
     recipe: Recipe, run_dir: Path | None, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> list[Callback]:
@@ -113,7 +125,7 @@ def build_finetune(recipe: Recipe, found: SplitSamples, run_dir: Path | None) ->
         model, recipe.data.mean, recipe.data.std, recipe.model.in_chans
     )
     datamodule = _datamodule(recipe, mean, std, found, run_dir)
-    callbacks = freeze_for_recipe(model, recipe) + attention_callbacks(recipe, run_dir, mean, std)
+    callbacks = adapt_for_recipe(model, recipe) + attention_callbacks(recipe, run_dir, mean, std)
     task = ClassificationTask(recipe, model, classes, class_weights(recipe, datamodule), run_dir)
     return Assembly(task, datamodule, report, classes, mean, std, callbacks=callbacks)
 
@@ -143,7 +155,7 @@ def build_distill(recipe: Recipe, found: SplitSamples, run_dir: Path | None) -> 
     )
     teacher = build_teacher(recipe.distill.teacher, classes, recipe.model.in_chans, mean, std)
     datamodule = _datamodule(recipe, mean, std, found, run_dir)
-    callbacks = freeze_for_recipe(student, recipe) + attention_callbacks(recipe, run_dir, mean, std)
+    callbacks = adapt_for_recipe(student, recipe) + attention_callbacks(recipe, run_dir, mean, std)
     task = DistillationTask(recipe, student, teacher, classes, run_dir)
     return Assembly(task, datamodule, report, classes, mean, std, callbacks=callbacks)
 

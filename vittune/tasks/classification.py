@@ -11,6 +11,7 @@ from torchmetrics import ConfusionMatrix, Metric, MetricCollection
 
 from vittune.recipe.schema import Recipe
 from vittune.tasks.base import VitTask
+from vittune.tasks.ema import build_ema
 from vittune.tasks.figures import log_image, save_confusion_matrix
 from vittune.tasks.losses import build_mixup, eval_loss, label_loss
 from vittune.tasks.metrics import EvaluationMetrics, classification_metrics
@@ -41,6 +42,8 @@ class ClassificationTask(VitTask):
         self.classes = list(classes)
         self.class_weights = class_weights
         self.multi_label = self.recipe.data.multi_label
+        # `ema:` the average of `model` (tasks/ema.py); validation and test score it.
+        self.ema = build_ema(model, self.recipe.ema) if self.recipe.ema is not None else None
 
     def configure_losses(self) -> None:
         self.mixup = build_mixup(self.recipe, len(self.classes))
@@ -57,6 +60,12 @@ class ClassificationTask(VitTask):
         extra = self.extra_eval_metrics()
         self.train_metrics = MetricCollection({"acc1": metrics["acc1"].clone()}, prefix="train/")
         self.val_metrics = EvaluationMetrics(metrics, "val", self.classes, extra)
+        # with an EMA, val/* scores the average and val_raw/* the weights being trained
+        self.val_raw_metrics = (
+            EvaluationMetrics(metrics, "val_raw", self.classes, self.extra_eval_metrics())
+            if self.ema is not None
+            else None
+        )
         self.test_metrics = EvaluationMetrics(metrics, "test", self.classes, extra)
         self.val_confusion = (
             None if self.multi_label else ConfusionMatrix(task="multiclass", num_classes=n)
@@ -65,6 +74,10 @@ class ClassificationTask(VitTask):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def scored_model(self) -> nn.Module:
+        """What validation (`val/*`), the test split and the export score: the EMA if any."""
+        return self.ema.module if self.ema is not None else self.model
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=-1)
@@ -104,20 +117,24 @@ class ClassificationTask(VitTask):
             self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
 
-    def _evaluate(self, batch: Any, metrics: EvaluationMetrics) -> torch.Tensor:
+    def _evaluate(self, batch: Any, metrics: EvaluationMetrics, model: nn.Module) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
+        logits = model(images)
         probs = self.probabilities(logits)
         metrics.update(probs, targets, self.eval_loss(logits.float(), targets))
         return probs
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        probs = self._evaluate(batch, self.val_metrics)
+        probs = self._evaluate(batch, self.val_metrics, self.scored_model())
+        if self.val_raw_metrics is not None:
+            self._evaluate(batch, self.val_raw_metrics, self.model)
         if self.val_confusion is not None:
             self.val_confusion.update(probs.argmax(dim=-1), batch[1])
 
     def on_validation_epoch_end(self) -> None:
         self.val_metrics.log(self, monitor=self.recipe.checkpoint.monitor)
+        if self.val_raw_metrics is not None:
+            self.val_raw_metrics.log(self)
         if self.val_confusion is None:
             return
         # [K, K] counts, gathered from every process; drawn only if this epoch becomes the best
@@ -139,7 +156,7 @@ class ClassificationTask(VitTask):
         log_image(self.loggers, "val/confusion_matrix", path)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, self.test_metrics, self.scored_model())
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics.log(self)

@@ -109,9 +109,9 @@ class DistillationTask(ClassificationTask):
             self.score_training_batch((cls_logits + dist_logits) / 2, batch[1])
         return loss
 
-    def _evaluate(self, batch: Any, metrics: EvaluationMetrics) -> torch.Tensor:
+    def _evaluate(self, batch: Any, metrics: EvaluationMetrics, model: nn.Module) -> torch.Tensor:
         images, targets = batch
-        cls_logits, dist_logits = split_heads(self.model, images)
+        cls_logits, dist_logits = split_heads(model, images)
         logits = ((cls_logits + dist_logits) / 2).float()  # [B, K] the exported prediction
         probs = logits.softmax(dim=-1)
         metrics.update(probs, targets, self.eval_loss(logits, targets))

@@ -108,6 +108,11 @@ class ParameterCount(ModelSummary):
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(max_depth=1)
         self.stream = stream
+        self.ema: Any = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.ema = getattr(pl_module, "ema", None)
+        super().on_fit_start(trainer, pl_module)
 
     def summarize(  # type: ignore[override]  # Lightning calls it on the instance
         self,
@@ -119,9 +124,17 @@ class ParameterCount(ModelSummary):
         **kwargs: Any,
     ) -> None:
         stream = self.stream or sys.stdout
+        # an `ema:` average (tasks/ema.py) is a copy of the model, not more model
+        averaged = sum(p.numel() for p in self.ema.parameters()) if self.ema is not None else 0
+        total_parameters -= averaged
+        share = 100.0 * trainable_parameters / max(total_parameters, 1)
         total = get_human_readable_count(total_parameters).strip()
         trainable = get_human_readable_count(trainable_parameters).strip()
-        stream.write(f"  model: {total} parameters, {trainable} trainable ({model_size:.1f} MB)\n")
+        ema = ", plus its EMA copy" if averaged else ""
+        stream.write(
+            f"  model: {total} parameters, {trainable} trainable ({share:.1f}%;"
+            f" {model_size:.1f} MB{ema})\n"
+        )
         stream.flush()
 
 

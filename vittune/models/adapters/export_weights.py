@@ -1,0 +1,54 @@
+"""The weights a PEFT or EMA run exports: read from its best checkpoint, the EMA's average
+when there is one, with the adapters folded into plain timm weights (`merged_model`)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vittune.models.adapters import is_mergeable, merged_model, save_adapter
+from vittune.recipe.schema import PeftConfig
+
+EMA_PREFIX = "ema.module."  # tasks/ema.py: the task's `ema` child, timm's ModelEmaV3
+MODEL_PREFIX = "model."
+
+
+@dataclass
+class ExportedWeights:
+    module: nn.Module  # the plain timm model (or, unmergeable, the prompted one)
+    state: dict[str, torch.Tensor]  # its weights, in timm key names
+    adapted: nn.Module  # the trained model with its adapters, for adapter/
+    merged: bool  # whether `state` is plain timm weights
+
+
+def checkpoint_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """The backbone's tensors in a vittune checkpoint: the EMA's average if asked and present."""
+    content = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    prefix = EMA_PREFIX if ema and any(k.startswith(EMA_PREFIX) for k in content) else MODEL_PREFIX
+    return {k[len(prefix) :]: v for k, v in content.items() if k.startswith(prefix)}
+
+
+def exported_weights(
+    model: nn.Module, cfg: PeftConfig, state: dict[str, torch.Tensor]
+) -> ExportedWeights:
+    """`state` (the adapted model's keys) loaded into a copy of `model`, then merged."""
+    adapted = copy.deepcopy(model).cpu()
+    adapted.load_state_dict(state, strict=True)
+    mergeable = is_mergeable(adapted, cfg)
+    module = merged_model(adapted, cfg) if cfg.method != "none" else adapted
+    return ExportedWeights(module, module.state_dict(), adapted, mergeable)
+
+
+def write_adapter(weights: ExportedWeights, cfg: PeftConfig, run_dir: Path, base: str) -> Path:
+    """`adapter/` beside the export, replaced whole (written aside first, then renamed)."""
+    final, scratch = run_dir / "adapter", run_dir / ".adapter.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    save_adapter(weights.adapted, cfg, scratch, base)
+    shutil.rmtree(final, ignore_errors=True)
+    scratch.rename(final)
+    return final
