@@ -77,8 +77,11 @@ def load_trained_run(
     path = _weights_file(folder, weights)
     model = recipe.model.model_copy(update={"pretrained": str(path), "keep_head": True})
     # `task` goes: a distilled student is scored as the classifier it is (its two heads
-    # averaged, which is what timm's distilled DeiT returns in eval mode).
-    recipe = recipe.model_copy(update={"model": model, "task": None, "distill": None})
+    # averaged, which is what timm's distilled DeiT returns in eval mode). Class weights go
+    # too: they weigh the training loss only (scoring uses the unweighted loss), and
+    # `balanced` would count a train split that inference neither has nor needs.
+    loss = recipe.loss.model_copy(update={"class_weights": "none"})
+    recipe = recipe.model_copy(update={"model": model, "task": None, "distill": None, "loss": loss})
     return TrainedRun(folder, recipe, _run_classes(folder), path)
 
 
