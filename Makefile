@@ -10,10 +10,10 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[export,stream]' -c constraints.txt
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,export,stream]'
+	$(BIN)/pip install -q -e '.[dev,export,stream]' -c constraints.txt
 
 demo: install
 	$(BIN)/vittune finetune recipes/quickstart.yaml
