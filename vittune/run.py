@@ -128,13 +128,18 @@ def _fit_into(
     if trainer.is_global_zero:
         log(f"vittune {command}: run folder {run_dir}")
         if resume is not None:
-            log(f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch})")
-        log(
-            f"  weights: {assembly.report.source}"
-            + "".join(f"\n  {n}" for n in assembly.report.notes)
-        )
+            log(
+                f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch});"
+                " weights, optimiser and schedule from it"
+            )
+        if resume is None:  # a resumed run's weights are the checkpoint's, said above
+            log(
+                f"  weights: {assembly.report.source}"
+                + "".join(f"\n  {n}" for n in assembly.report.notes)
+            )
         sizes = {s: len(v) for s, v in assembly.datamodule.found.splits.items()}
-        log(f"  data: {len(assembly.classes)} classes, images per split {sizes}")
+        kind = "unlabelled" if command == "pretrain-mae" else f"{len(assembly.classes)} classes"
+        log(f"  data: {kind}, images per split {sizes}")
         if wandb_message:
             log(f"  {wandb_message}")
     try:
@@ -176,19 +181,22 @@ def _fit_into(
         )
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
         if tests:
-            log_tests(run_dir, tests, log)
+            log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
     return result
 
 
 def log_tests(
-    run_dir: Path, tests: dict[str, dict[str, float]], log: Callable[[str], None]
+    run_dir: Path,
+    tests: dict[str, dict[str, float]],
+    log: Callable[[str], None],
+    exported: str = "best",
 ) -> None:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
     calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
     from vittune.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
 
     for name, values in tests.items():
-        weights = "last" if name == "test_last" else "best"
+        weights = "last" if name == "test_last" else exported
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         log(f"  {name} ({weights} weights): {shown}")
     report = evaluate_run(run_dir, [], split="test", name="test")

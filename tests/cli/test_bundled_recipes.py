@@ -9,17 +9,21 @@ whose crash this module was written for, also runs through the `vittune` console
 
 from __future__ import annotations
 
+import csv
 import json
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import TINY_OVERRIDES, make_class_images, run_cli
-from helpers import ONE_THREAD, RECIPES
+from helpers import ONE_THREAD, RECIPES, ROOT
 
 from vittune.errors import RecipeError
 from vittune.evaluate import evaluate_run
+from vittune.noise import ignore_known_noise
 from vittune.recipe.load import load_recipe
 from vittune.run import fit
 
@@ -28,6 +32,7 @@ pytestmark = pytest.mark.slow
 TEST_IMAGES = {"a": 6, "b": 4, "c": 6}
 TINY_MAE_DECODER = ("mae.decoder_depth=1", "mae.decoder_dim=32", "mae.decoder_heads=2")
 BUDGET = ("trainer.max_epochs=1",)
+LIGHTNING_NOTES = ("in eval mode at the start", "smaller than the logging interval")
 
 # What each recipe needs beyond the shared tiny overrides: the run it builds on, and model
 # settings that replace its own (a distilled DeiT stays a distilled DeiT; the CNN teacher is
@@ -83,22 +88,43 @@ def overrides_for(name: str, data: Path, runs: Path, earlier: Path | None) -> li
 
 
 @pytest.fixture(scope="session")
-def trained(split_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Train a bundled recipe once per session (and first the run it builds on)."""
+def trained(
+    split_folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], tuple[Path, list[str]]]:
+    """Train a bundled recipe once per session (and first the run it builds on); its run
+    folder and the lines it logged."""
     runs = tmp_path_factory.mktemp("bundled-runs")
-    done: dict[str, Path] = {}
+    done: dict[str, tuple[Path, list[str]]] = {}
 
-    def train(name: str) -> Path:
+    def train(name: str) -> tuple[Path, list[str]]:
         if name not in done:
             after = NEEDS[name].get("after")
-            earlier = train(after) if after else None
+            earlier = train(after)[0] if after else None
             path = RECIPES / f"{name}.yaml"
             recipe = load_recipe(path, overrides_for(name, split_folder, runs, earlier), None)
             command = recipe.task or "finetune"
-            done[name] = fit(recipe, command, path, log=lambda _: None).run_dir
+            lines: list[str] = []
+            with warnings.catch_warnings(record=True) as caught:  # as the CLI filters them
+                warnings.simplefilter("always")
+                ignore_known_noise()
+                run_dir = fit(recipe, command, path, log=lines.append).run_dir
+            lines += [f"warning: {w.message}" for w in caught]
+            done[name] = run_dir, lines
         return done[name]
 
     return train
+
+
+def documented_metrics(doc: str, start: str, end: str) -> set[str]:
+    """The metric names (`train/...`, `val/...`) a doc page lists between two phrases."""
+    text = (ROOT / "docs" / doc).read_text()
+    passage = text.split(start, 1)[1].split(end, 1)[0]
+    return set(re.findall(r"`((?:train|val)/\w+)`", passage))
+
+
+def logged_metrics(run_dir: Path) -> set[str]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        return set(next(csv.reader(handle)))
 
 
 def check_classifier_run(run_dir: Path) -> None:
@@ -109,6 +135,8 @@ def check_classifier_run(run_dir: Path) -> None:
     assert set(metrics["test"]) >= {"test/acc1", "test/loss"}, metrics
     report = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
     assert report["num_samples"] == sum(TEST_IMAGES.values())
+    assert set(report["roc"]) == set(TEST_IMAGES)  # one-vs-rest curves of the 3 classes
+    assert (run_dir / "eval" / "test" / "roc.png").is_file()
     # evaluate scores the test split again with the exported weights: the same top-1
     scored = evaluate_run(run_dir, device="cpu")
     assert scored.split == "test" and scored.report.num_samples == sum(TEST_IMAGES.values())
@@ -121,15 +149,28 @@ def check_classifier_run(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("name", [n for n in NEEDS if n != "medical"])
 def test_bundled_recipe_trains_reports_evaluates_exports(
-    name: str, trained: Callable[[str], Path]
+    name: str, trained: Callable[[str], tuple[Path, list[str]]]
 ) -> None:
-    run_dir = trained(name)
+    run_dir, lines = trained(name)
+    log = "\n".join(lines)
+    for note in LIGHTNING_NOTES:  # what Lightning says that a vittune user cannot act on
+        assert note not in log, log
     if load_recipe(run_dir / "recipe.yaml", command=None).task == "pretrain-mae":
         # no classifier: the encoder is the product, and evaluate says why it cannot score
         assert (run_dir / "encoder.safetensors").is_file()
+        assert "  data: unlabelled, images per split {" in log, log
+        names = documented_metrics("mae.md", "| `csv/metrics.csv` |", "\n") - {"train/loss_step"}
+        assert names and names <= logged_metrics(run_dir), names - logged_metrics(run_dir)
         with pytest.raises(RecipeError, match="MAE pretraining run"):
             evaluate_run(run_dir, device="cpu")
         return
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    weights = "best" if metrics["best_checkpoint"] else "last; no best checkpoint"
+    assert f"  test ({weights} weights): test/acc1 " in log, log
+    if name == "quickstart":  # the metric names docs/recipes.md lists are the logged ones
+        names = documented_metrics("recipes.md", "Metrics logged by fine-tuning:", "and `val/acc5`")
+        names.discard("train/loss_step")  # every log_every_n_steps (10) steps: 1 step here
+        assert len(names) >= 6 and names <= logged_metrics(run_dir), names - logged_metrics(run_dir)
     check_classifier_run(run_dir)
 
 
@@ -137,10 +178,12 @@ def test_medical_recipe_end_to_end_through_the_cli(split_folder: Path, tmp_path:
     """The shipped medical recipe (balanced class weights) through finetune, evaluate, export:
     it ended every run with a test split in `KeyError: 'train'` before."""
     overrides = overrides_for("medical", split_folder, tmp_path / "runs", None)
+    as_a_user = {**ONE_THREAD, "PYTHONWARNINGS": ""}  # warnings shown, as a user gets them
     trained = run_cli(
-        "finetune", str(RECIPES / "medical.yaml"), *overrides, cwd=tmp_path, env=ONE_THREAD
+        "finetune", str(RECIPES / "medical.yaml"), *overrides, cwd=tmp_path, env=as_a_user
     )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    assert "site-packages" not in trained.stderr, trained.stderr  # no library's warning
     run_dir = tmp_path / "runs" / "medical"
     assert "test report: " in trained.stdout and (run_dir / "eval" / "test").is_dir()
     evaluated = run_cli("evaluate", str(run_dir), "--weights", "last", cwd=tmp_path, env=ONE_THREAD)
