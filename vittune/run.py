@@ -37,6 +37,7 @@ from vittune.run_folder import (
     removed_on_user_error,
     wandb_run_id,
 )
+from vittune.tracking import summarize_run
 from vittune.trainer import build_trainer, monitor_of
 
 
@@ -182,7 +183,18 @@ def _fit_into(
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
         if tests:
             log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
+        send_to_wandb(trainer, run_dir, result.export_path, bool(best))
     return result
+
+
+def send_to_wandb(trainer: L.Trainer, run_dir: Path, export: Path, best: bool) -> None:
+    """The test report and the model artifact; the summary's epoch is the last one trained
+    (Lightning's test logging leaves it one past)."""
+    from vittune.wandb_run import log_model_artifact, log_test_report  # noqa: PLC0415
+
+    log_test_report(trainer.loggers, run_dir / "eval" / "test")
+    log_model_artifact(trainer.loggers, run_dir, export, best)
+    summarize_run(trainer.loggers, {"epoch": trainer.fit_loop.epoch_progress.current.started - 1})
 
 
 def log_tests(

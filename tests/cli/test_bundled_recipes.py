@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import TINY_OVERRIDES, make_class_images, run_cli
 from helpers import ONE_THREAD, RECIPES, ROOT
+from wandb_log import wandb_records
 
 from vittune.errors import RecipeError
 from vittune.evaluate import evaluate_run
@@ -147,6 +148,38 @@ def check_classifier_run(run_dir: Path) -> None:
     assert exported.path.is_file() and exported.variants[1].check.max_abs_diff < 1e-4
 
 
+def check_wandb_records(run_dir: Path) -> None:
+    """What the offline W&B run recorded, read from its transaction log (wandb's protobufs)."""
+    records = wandb_records(run_dir)
+    kinds = {kind: [r for r in records if r.WhichOneof("record_type") == kind] for kind in
+             ("config", "history", "artifact", "summary")}  # fmt: skip
+    config = {item.key for r in kinds["config"] for item in r.config.update}
+    assert {"model", "data", "optim", "loss"} <= config and "recipe" not in config, config
+    logged = {
+        item.key or "/".join(item.nested_key) for r in kinds["history"] for item in r.history.item
+    }
+    for name in ("confusion_matrix", "reliability", "roc", "mistakes"):
+        assert f"test/{name}/_type" in logged or f"test/{name}" in logged, logged
+    per_class = [
+        json.loads(item.value_json)
+        for r in kinds["history"]
+        for item in r.history.item
+        if (item.key or "/".join(item.nested_key)) in ("test/per_class", "test/per_class/_type")
+    ]
+    assert per_class and "table-file" in json.dumps(per_class)
+    (model,) = [r.artifact for r in kinds["artifact"] if r.artifact.type == "model"]
+    assert model.name == "medical-model" and set(model.aliases) >= {"best", "latest"}
+    files = {entry.path for entry in model.manifest.contents}
+    assert {"model.safetensors", "config.json", "README.md", "recipe.yaml"} <= files
+    epochs = [
+        json.loads(item.value_json)
+        for r in kinds["summary"]
+        for item in r.summary.update
+        if item.key == "epoch"
+    ]
+    assert epochs[-1] == 0  # one epoch, index 0: the last one trained, not one past it
+
+
 @pytest.mark.parametrize("name", [n for n in NEEDS if n != "medical"])
 def test_bundled_recipe_trains_reports_evaluates_exports(
     name: str, trained: Callable[[str], tuple[Path, list[str]]]
@@ -176,14 +209,17 @@ def test_bundled_recipe_trains_reports_evaluates_exports(
 
 def test_medical_recipe_end_to_end_through_the_cli(split_folder: Path, tmp_path: Path) -> None:
     """The shipped medical recipe (balanced class weights) through finetune, evaluate, export:
-    it ended every run with a test split in `KeyError: 'train'` before."""
+    it ended every run with a test split in `KeyError: 'train'` before. W&B logs offline, and
+    its records hold the recipe as sections, the test report and the model artifact."""
     overrides = overrides_for("medical", split_folder, tmp_path / "runs", None)
+    overrides[overrides.index("logging.wandb=false")] = "logging.wandb=true"
     as_a_user = {**ONE_THREAD, "PYTHONWARNINGS": ""}  # warnings shown, as a user gets them
     trained = run_cli(
         "finetune", str(RECIPES / "medical.yaml"), *overrides, cwd=tmp_path, env=as_a_user
     )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert "site-packages" not in trained.stderr, trained.stderr  # no library's warning
+    check_wandb_records(tmp_path / "runs" / "medical")
     run_dir = tmp_path / "runs" / "medical"
     assert "test report: " in trained.stdout and (run_dir / "eval" / "test").is_dir()
     evaluated = run_cli("evaluate", str(run_dir), "--weights", "last", cwd=tmp_path, env=ONE_THREAD)
