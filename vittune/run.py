@@ -165,6 +165,12 @@ def _fit_into(
         guard.phase = "while stopping"  # Lightning's handler is gone: a signal stops at once
         raise
     guard.phase = "after training"
+    # the lr the last epoch line printed (the largest group's), before testing touches anything
+    final_lr = (
+        max((g["lr"] for g in trainer.optimizers[0].param_groups), default=None)
+        if trainer.optimizers
+        else None
+    )
     if trainer.is_global_zero and (corrupt := assembly.datamodule.corrupt_report()):
         log(corrupt)
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
@@ -183,18 +189,21 @@ def _fit_into(
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
         if tests:
             log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
-        send_to_wandb(trainer, run_dir, result.export_path, bool(best))
+        send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr)
     return result
 
 
-def send_to_wandb(trainer: L.Trainer, run_dir: Path, export: Path, best: bool) -> None:
+def send_to_wandb(
+    trainer: L.Trainer, run_dir: Path, export: Path, best: bool, final_lr: float | None
+) -> None:
     """The test report and the model artifact; the summary's epoch is the last one trained
-    (Lightning's test logging leaves it one past)."""
+    (Lightning's test logging leaves it one past) and its `lr` the one the console printed."""
     from vittune.wandb_run import log_model_artifact, log_test_report  # noqa: PLC0415
 
     log_test_report(trainer.loggers, run_dir / "eval" / "test")
     log_model_artifact(trainer.loggers, run_dir, export, best)
-    summarize_run(trainer.loggers, {"epoch": trainer.fit_loop.epoch_progress.current.started - 1})
+    last = {"epoch": trainer.fit_loop.epoch_progress.current.started - 1}
+    summarize_run(trainer.loggers, last | ({"lr": final_lr} if final_lr is not None else {}))
 
 
 def log_tests(

@@ -148,7 +148,7 @@ def check_classifier_run(run_dir: Path) -> None:
     assert exported.path.is_file() and exported.variants[1].check.max_abs_diff < 1e-4
 
 
-def check_wandb_records(run_dir: Path) -> None:
+def check_wandb_records(run_dir: Path, printed_lr: str) -> None:
     """What the offline W&B run recorded, read from its transaction log (wandb's protobufs)."""
     records = wandb_records(run_dir)
     kinds = {kind: [r for r in records if r.WhichOneof("record_type") == kind] for kind in
@@ -178,6 +178,13 @@ def check_wandb_records(run_dir: Path) -> None:
         if item.key == "epoch"
     ]
     assert epochs[-1] == 0  # one epoch, index 0: the last one trained, not one past it
+    lrs = [
+        json.loads(i.value_json)
+        for r in kinds["summary"]
+        for i in r.summary.update
+        if i.key == "lr"
+    ]
+    assert lrs and f"{lrs[-1]:.1e}" == printed_lr  # the console's number
 
 
 @pytest.mark.parametrize("name", [n for n in NEEDS if n != "medical"])
@@ -219,7 +226,8 @@ def test_medical_recipe_end_to_end_through_the_cli(split_folder: Path, tmp_path:
     )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     assert "site-packages" not in trained.stderr, trained.stderr  # no library's warning
-    check_wandb_records(tmp_path / "runs" / "medical")
+    (epoch_line,) = [line for line in trained.stdout.splitlines() if line.startswith("epoch ")]
+    check_wandb_records(tmp_path / "runs" / "medical", epoch_line.split("  lr ")[1].split()[0])
     run_dir = tmp_path / "runs" / "medical"
     assert "test report: " in trained.stdout and (run_dir / "eval" / "test").is_dir()
     evaluated = run_cli("evaluate", str(run_dir), "--weights", "last", cwd=tmp_path, env=ONE_THREAD)
