@@ -187,20 +187,27 @@ def _fit_into(
             assembly, recipe, command, best, run_dir, metrics=tests.get("test")
         )
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
+        report = None
         if tests:
-            log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
-        send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr)
+            report = log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
+        send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr, report)
     return result
 
 
 def send_to_wandb(
-    trainer: L.Trainer, run_dir: Path, export: Path, best: bool, final_lr: float | None
+    trainer: L.Trainer,
+    run_dir: Path,
+    export: Path,
+    best: bool,
+    final_lr: float | None,
+    report: Path | None,
 ) -> None:
     """The test report and the model artifact; the summary's epoch is the last one trained
     (Lightning's test logging leaves it one past) and its `lr` the one the console printed."""
     from vittune.wandb_run import log_model_artifact, log_test_report  # noqa: PLC0415
 
-    log_test_report(trainer.loggers, run_dir / "eval" / "test")
+    if report is not None:  # eval/test, or eval/test-2... in a resumed run's folder
+        log_test_report(trainer.loggers, report)
     log_model_artifact(trainer.loggers, run_dir, export, best)
     last = {"epoch": trainer.fit_loop.epoch_progress.current.started - 1}
     summarize_run(trainer.loggers, last | ({"lr": final_lr} if final_lr is not None else {}))
@@ -211,7 +218,7 @@ def log_tests(
     tests: dict[str, dict[str, float]],
     log: Callable[[str], None],
     exported: str = "best",
-) -> None:
+) -> Path:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
     calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
     from vittune.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
@@ -222,3 +229,4 @@ def log_tests(
         log(f"  {name} ({weights} weights): {shown}")
     report = evaluate_run(run_dir, [], split="test", name="test")
     log(f"  test report: {report.folder}")
+    return report.folder
