@@ -10,10 +10,10 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[export,stream,serve,sweep]' -c constraints.txt
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,export,stream,sweep,serve,medical,peft]'
+	$(BIN)/pip install -q -e '.[dev,export,stream,sweep,serve,medical,peft]' -c constraints.txt
 
 demo: install
 	$(BIN)/vittune finetune recipes/quickstart.yaml

@@ -59,6 +59,57 @@ IMPORTS = {  # what each side imports before its first line of work
     "plain: torch, torchvision, timm": "import torch, torchvision, timm",
     "vittune: vittune.cli, vittune.training.run": "import vittune.cli, vittune.training.run",
 }
+# Where `vittune finetune`'s start-up goes, step by step, in one fresh process (the order the
+# run takes them): each step's seconds are printed as "step seconds".
+STARTUP = """
+import sys, time
+from pathlib import Path
+start = time.perf_counter()
+def mark(step):
+    global start
+    now = time.perf_counter()
+    print(step, f"{now - start:.3f}", flush=True)
+    start = now
+import vittune.cli
+mark("import vittune.cli (typer)")
+from vittune.recipe.load import load_recipe
+recipe = load_recipe(sys.argv[1], [], command="finetune")
+mark("load + check the recipe (imports timm, torch)")
+import vittune.training.run
+mark("import vittune.training.run (Lightning, torchmetrics)")
+from vittune.data.datamodule import scan_sources
+found = scan_sources(recipe.data)
+mark("scan the folder, check image headers")
+from vittune.tasks.assembly import build
+assembly = build(recipe, "finetune", found=found)
+mark("build model, data module, task")
+from vittune.training.trainer import build_trainer, monitor_of
+build_trainer(recipe, Path(sys.argv[2]), monitor_of(recipe, assembly.task), [])
+mark("build the Trainer")
+"""
+FAST_FAILS = {  # commands that should answer before the heavy imports
+    "`vittune --version`": ["--version"],
+    "`vittune evaluate runs/missing`": ["evaluate", "runs/missing"],
+}
+
+
+def time_startup(setup, repeats: int, env: dict[str, str], work: Path) -> dict[str, list[float]]:
+    """Seconds of each start-up step (STARTUP), and of the commands that should fail fast."""
+    recipe = work / "startup.yaml"
+    recipe.write_text(yaml.safe_dump(setup.recipe(work / "runs", "startup"), sort_keys=False))
+    steps: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        run = timed(
+            [sys.executable, "-c", STARTUP, str(recipe), str(work / "startup-run")], env, work
+        )
+        for _, line in run.lines:
+            name, seconds = line.rsplit(" ", 1)
+            steps.setdefault(name, []).append(float(seconds))
+        steps.setdefault("whole process (to exit)", []).append(run.wall)
+        for name, args in FAST_FAILS.items():
+            command = [sys.executable, "-m", "vittune.cli", *args]
+            steps.setdefault(name, []).append(timed(command, env, work, check=False).wall)
+    return steps
 
 
 def make_images(root: Path, classes: int, per_class: int, val_fraction: float, seed: int) -> None:
@@ -156,7 +207,7 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def timed(command: list[str], env: dict[str, str], cwd: Path) -> Run:
+def timed(command: list[str], env: dict[str, str], cwd: Path, check: bool = True) -> Run:
     """Run `command` to its end; wall time from just before the fork to its exit, CPU time of
     the child and every process it waited for (its DataLoader workers)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -168,7 +219,7 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> Run:
         lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
         code = proc.wait()
         wall = time.perf_counter() - start
-        if code != 0:
+        if code != 0 and check:
             errors.seek(0)
             tail = errors.read().decode(errors="replace")[-3000:]
             raise RuntimeError(f"{' '.join(command[:4])} ... exited {code}:\n{tail}")
@@ -223,6 +274,18 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def startup_table(steps: dict[str, list[float]]) -> str:
+    lines = [
+        "Start-up of `vittune finetune`, step by step in one process, and commands that should"
+        " answer before the heavy imports (medians, seconds):",
+        "",
+        "| step | wall s |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {med(values):.2f} |" for name, values in steps.items()]
+    return "\n".join(lines)
+
+
 def tables(results: dict[str, list[tuple[Run, float]]], imports: dict[str, list[Run]]) -> list[str]:
     ours, plain = ([r for r, _ in results[s]] for s in ("vittune", "plain"))
     walls = [o.wall / p.wall for o, p in zip(ours, plain, strict=True)]  # per repeat
@@ -275,7 +338,9 @@ def tables(results: dict[str, list[tuple[Run, float]]], imports: dict[str, list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="paired runs of both sides")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="paired runs of both sides (0: start-up only)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--images", type=int, default=100, help="images per class, train + val")
@@ -308,6 +373,7 @@ def main() -> None:
             args.epochs, args.batch_size, args.workers,
         )  # fmt: skip
         imports = time_imports(args.import_repeats, env, work)  # also warms the file cache
+        startup = time_startup(setup, args.import_repeats, env, work)
         for repeat in range(args.repeats):
             order = list(SIDES) if repeat % 2 == 0 else list(reversed(SIDES))
             for side in order:
@@ -320,7 +386,7 @@ def main() -> None:
                 f" {plain.cpu:.1f} s (vittune vs plain)",
                 flush=True,
             )
-    parts = tables(results, imports)
+    parts = [*(tables(results, imports) if args.repeats else []), startup_table(startup)]
     n_train = args.images - max(1, round(args.images * args.val_fraction))
     described = (
         f"{args.model} with {args.depth} blocks at {args.img_size} px / patch {args.patch_size},"

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from vittune.errors import Preempted, VittuneError
+from vittune.inference.run_check import require_run_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -129,8 +130,10 @@ def inspect(
 def prepare_data(
     recipe: RecipeArg,
     out: Annotated[str, typer.Argument(help="A new (or empty) folder for the shards.")],
-    overrides: Annotated[
-        list[str] | None, typer.Option("--override", help="A dotted override; repeatable.")
+    overrides: OverridesArg = None,
+    option_overrides: Annotated[
+        list[str] | None,
+        typer.Option("--override", help="A dotted override (as after OUT); repeatable."),
     ] = None,
 ) -> None:
     """Write the recipe's images, split as training splits them, as litdata shards."""
@@ -139,7 +142,8 @@ def prepare_data(
         from vittune.data.prepare import prepare_data as write_shards
         from vittune.recipe.load import load_recipe
 
-        loaded = load_recipe(recipe, overrides or [], command=None)
+        given = [*(option_overrides or []), *(overrides or [])]
+        loaded = load_recipe(recipe, given, command=None)
         typer.echo(f"vittune prepare-data: {recipe} -> {out}")
         metadata = write_shards(loaded, out, log=typer.echo)
         typer.echo(
@@ -191,6 +195,7 @@ def evaluate(
     """Score a trained run on its test/val split, or on other data given as data.* overrides."""
 
     def action() -> None:
+        require_run_folder(run)  # before the heavy imports: a typo is said at once
         from vittune.evaluation.clinical_report import format_clinical
         from vittune.evaluation.clinical_run import ClinicalOptions
         from vittune.evaluation.report import format_table
@@ -237,6 +242,7 @@ def predict(
     """Predict classes for images with a trained run; unreadable files are listed, not fatal."""
 
     def action() -> None:
+        require_run_folder(run)
         from vittune.inference.predict import predict_files
 
         result = predict_files(
@@ -268,6 +274,7 @@ def attention(
     """Attention maps of a trained ViT: last-block class-token attention and rollout."""
 
     def action() -> None:
+        require_run_folder(run)
         from vittune.inference.attention import attention_for_files
 
         written, failed = attention_for_files(run, images, out, weights, head_fusion, discard_ratio)
@@ -299,6 +306,7 @@ def export(
     """Export a trained run to ONNX or TorchScript, checked against PyTorch on its val images."""
 
     def action() -> None:
+        require_run_folder(run)
         from vittune.deploy.pipeline import export_run, format_table
 
         result = export_run(
@@ -351,6 +359,7 @@ def serve(
     """Serve a trained run over HTTP (LitServe): POST /predict, GET /health, GET /info."""
 
     def action() -> None:
+        require_run_folder(run)
         from vittune.deploy.serve import serve_run
 
         serve_run(

@@ -212,3 +212,15 @@ def test_option_mistakes_are_one_line_before_any_work(options: dict, message: st
     with pytest.raises(RecipeError, match=message.replace("(", r"\(")) as caught:
         export_run("/nonexistent/run", **options)  # refused before the run is even read
     assert "\n" not in str(caught.value)
+
+
+def test_a_later_export_keeps_the_earlier_exports_rows(run_dir: Path) -> None:
+    """report.json is the newest export's, and `exports` keeps one entry per exported file:
+    the ONNX int8 rows are still there after a TorchScript export."""
+    onnx = export_run(run_dir, "onnx", quantize="int8", check_limit=4, latency_repeats=1)
+    script = export_run(run_dir, "torchscript", check_limit=4, latency_repeats=1)
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    assert report["format"] == "torchscript" and report["file"] == str(script.path)
+    assert set(report["exports"]) >= {str(onnx.path), str(script.path)}
+    names = [v["name"] for v in report["exports"][str(onnx.path)]["variants"]]
+    assert names == ["pytorch fp32", "onnx fp32", "onnx int8"]

@@ -319,3 +319,20 @@ def test_shared_and_strided_tensors_are_written_as_plain_copies(tmp_path: Path) 
     with safe_open(str(path), "pt") as handle:
         torch.testing.assert_close(handle.get_tensor("tied"), base)
         torch.testing.assert_close(handle.get_tensor("strided"), base.t())
+
+
+def test_a_from_scratch_run_claims_no_hub_provenance(run) -> None:
+    """timm copies the architecture's default tag and license into config.json; a run that
+    never saw those weights drops them, and timm then reports no tag for it."""
+    assembly, _, folder = run
+    config = json.loads((folder / "config.json").read_text())
+    assert not {"tag", "license", "hf_hub_id", "url"} & set(config["pretrained_cfg"])
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert not loaded.pretrained_cfg.get("tag") and not loaded.pretrained_cfg.get("license")
+    # started from the hub weights, the provenance is true and stays
+    hub = export_config(assembly.task.model, CLASSES, SIZE, 1, MEAN, STD, "finetune", True)
+    default = timm.create_model(TINY_VIT["name"], pretrained=False).pretrained_cfg
+    assert (hub["pretrained_cfg"]["tag"], hub["pretrained_cfg"]["license"]) == (
+        default["tag"],
+        default["license"],
+    )

@@ -57,3 +57,58 @@ def test_mistakes_grid_grey_and_rgb(tmp_path: Path, channels: int) -> None:
     read_png(path)
     with pytest.raises(ValueError, match="one title entry per image"):
         save_mistakes_grid(images, ["a"], ["b"], [0.9], tmp_path / "bad.png")
+
+
+def test_reliability_gap_looks_like_its_legend_on_both_sides() -> None:
+    """Gap boxes span accuracy..confidence whichever is higher and are drawn unfilled, so
+    their colour is the legend's even over an accuracy bar; the calibrated curve is drawn
+    with `--temperature`, at the bins of softmax(logits / T)."""
+    import matplotlib.pyplot as plt
+
+    from vittune.evaluation.calibration import (
+        calibrated_bins,
+        fit_temperature,
+        logits_from_probs,
+        reliability_bins,
+    )
+    from vittune.evaluation.figures import reliability_figure
+
+    rng = np.random.default_rng(2)
+    targets = rng.integers(0, 3, 300)
+    probs = rng.dirichlet(np.ones(3) * 0.7, size=300)  # [300, 3]
+    probs[targets == 0, 0] += 2.0  # class 0: right and under-confident (accuracy > confidence)
+    probs /= probs.sum(axis=1, keepdims=True)
+    bins = reliability_bins(probs, targets, 10)
+    after = calibrated_bins(probs, targets, 0.5, 10)
+    fig = reliability_figure(bins, "t", after, 0.5)
+    top = fig.axes[0]
+    filled = bins.count > 0
+    assert (bins.accuracy[filled] > bins.confidence[filled]).any()
+    assert (bins.accuracy[filled] < bins.confidence[filled]).any()
+    bars, gaps = top.containers
+    for patch, acc, conf in zip(gaps, bins.accuracy[filled], bins.confidence[filled], strict=True):
+        assert patch.get_facecolor()[3] == 0.0  # unfilled: nothing to blend
+        assert patch.get_y() == pytest.approx(min(acc, conf))
+        assert patch.get_y() + patch.get_height() == pytest.approx(max(acc, conf))
+    handles, labels = top.get_legend_handles_labels()
+    legend_gap = handles[labels.index("gap to mean confidence")]
+    assert legend_gap.patches[0].get_edgecolor() == gaps.patches[0].get_edgecolor()
+    (curve,) = [line for line in top.lines if line.get_label().startswith("after temperature 0.5")]
+    kept = after.count > 0
+    np.testing.assert_allclose(curve.get_xdata(), after.confidence[kept])
+    np.testing.assert_allclose(curve.get_ydata(), after.accuracy[kept])
+    plt.close(fig)
+    # the curve's ECE is the one the temperature fit reports (its own softmax of logits / T)
+    fit = fit_temperature(logits_from_probs(probs), targets, 10)
+    assert calibrated_bins(probs, targets, fit.temperature, 10).ece == pytest.approx(fit.ece_after)
+
+
+def test_mistake_titles_say_which_class_is_true() -> None:
+    import matplotlib.pyplot as plt
+
+    from vittune.evaluation.figures import mistakes_figure
+
+    fig = mistakes_figure(np.zeros((2, 1, 8, 8)), ["8", "3"], ["0", "5"], [0.52, 0.9])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["true 8\npredicted 0 (0.52)", "true 3\npredicted 5 (0.90)"]
+    plt.close(fig)

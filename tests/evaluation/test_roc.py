@@ -38,6 +38,15 @@ def test_one_curve_per_label_and_none_for_a_label_without_positives() -> None:
         assert curves[name].auc == roc_auc_score(targets[:, k], probs[:, k])
 
 
-def test_no_curves_for_more_than_two_classes() -> None:
-    probs = np.full((4, 3), 1 / 3)
-    assert roc_curves(probs, np.array([0, 1, 2, 0]), ["a", "b", "c"]) == ({}, [])
+def test_one_vs_rest_curves_for_more_than_two_classes() -> None:
+    """Each class against the rest, as scikit-learn computes it on the binarised targets."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(3), size=40)  # [40, 3]
+    targets = rng.integers(0, 3, size=40)
+    curves, notes = roc_curves(probs, targets, ["a", "b", "c"])
+    assert list(curves) == ["a", "b", "c"] and notes == []
+    for k, name in enumerate("abc"):
+        fpr, tpr, _ = roc_curve(targets == k, probs[:, k])
+        np.testing.assert_array_equal(curves[name].fpr, fpr)
+        np.testing.assert_array_equal(curves[name].tpr, tpr)
+        assert curves[name].auc == roc_auc_score(targets == k, probs[:, k])

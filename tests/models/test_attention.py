@@ -124,3 +124,33 @@ def test_discarding_weak_weights_keeps_the_class_token_and_sharpens() -> None:
     sharp = attention_rollout(captured, 1, (4, 6), discard_ratio=0.9)
     assert sharp.shape == plain.shape and torch.isfinite(sharp).all()
     assert float((sharp < 0.05).sum()) > float((plain < 0.05).sum())
+
+
+def test_attention_figure_is_readable_with_a_colour_bar(tmp_path) -> None:
+    """At least ~800 px wide for three panels (it was 540), with a labelled colour bar."""
+    import matplotlib.image as mpimg
+
+    from vittune.evaluation.attention_figures import attention_figure, save_attention_figure
+
+    rng = np.random.default_rng(0)
+    pixels, heads, rollout = rng.random((1, 32, 32)), rng.random((2, 32, 32)), rng.random((32, 32))
+    fig = attention_figure(pixels, heads, rollout, "t")
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert "attention (each map scaled to [0, 1])" in labels
+    path = save_attention_figure(pixels, heads, rollout, tmp_path / "a.png", "t")
+    height, width = mpimg.imread(path).shape[:2]
+    assert width >= 800 and height >= 600
+
+
+def test_training_time_attention_titles_name_the_true_and_predicted_class(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from vittune.tasks.callbacks import AttentionMaps
+
+    maps = AttentionMaps(tmp_path, 1, (0.5,), (0.5,))
+    maps.labels = torch.tensor([2, 0])
+    module = SimpleNamespace(classes=["cat", "dog", "fox"])
+    outcome = maps._outcome(module, 0, torch.tensor([0.1, 0.7, 0.2]))
+    assert outcome == ": true fox, predicted dog (0.70)"
+    maps.labels = None  # multi-label targets: nothing to say in one class
+    assert maps._outcome(module, 0, torch.tensor([0.1, 0.7, 0.2])) == ""

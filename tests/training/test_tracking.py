@@ -24,6 +24,7 @@ from vittune.models import weights
 from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 from vittune.recipe.schema import LoggingConfig
 from vittune.training import tracking
+from vittune.training.wandb_run import SectionedWandbLogger
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, as wandb expects
 
@@ -135,7 +136,9 @@ def test_loggers(no_wandb_setup: Path, tmp_path: Path) -> None:
     loggers, message = tracking.build_loggers(LoggingConfig(wandb=False), tmp_path / "run", "r")
     assert [type(x) for x in loggers] == [tracking.AppendingCSVLogger] and message is None
     loggers, message = tracking.build_loggers(LoggingConfig(), tmp_path / "run", "r")
-    assert [type(x) for x in loggers] == [tracking.AppendingCSVLogger, WandbLogger]
+    # Lightning's W&B logger, whose config is the recipe's sections (vittune.training.wandb_run)
+    assert [type(x) for x in loggers] == [tracking.AppendingCSVLogger, SectionedWandbLogger]
+    assert isinstance(loggers[1], WandbLogger)
     assert "logging offline" in message and "wandb sync" in message
 
 

@@ -183,6 +183,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def class_counts(self) -> torch.Tensor:
         """Training images per class (for balanced class weights)."""
+        if "train" not in self.found.splits:
+            raise DataError("balanced class weights need a train split; the data has none")
         counts = Counter(label for s in self.found.splits["train"] for label in s.labels)
         return torch.tensor([counts.get(i, 0) for i in range(len(self.classes))], dtype=torch.float)
 

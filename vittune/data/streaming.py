@@ -55,7 +55,8 @@ def require_litdata() -> None:
         import litdata  # noqa: F401, PLC0415
     except ImportError:
         raise DataError(
-            "data.format: litdata and prepare-data need the litdata package; pip install litdata"
+            "data.format: litdata and prepare-data need the litdata package;"
+            " install it with pip install 'vittune[stream]'"
         ) from None
 
 

@@ -202,7 +202,8 @@ def export_run(
         tolerance=tolerance,
         variants=variants,
     )
-    text = json.dumps(report_document(exported, run.folder, str(run.weights)), indent=2) + "\n"
+    document = report_document(exported, run.folder, str(run.weights))
+    text = json.dumps(with_earlier_exports(exported.report, document), indent=2) + "\n"
     atomic_write(exported.report, lambda temp: temp.write_text(text))
     return exported
 
@@ -264,6 +265,18 @@ def report_document(result: ExportResult, run_folder: Path, weights: str) -> dic
             for variant in result.variants
         ],
     }
+
+
+def with_earlier_exports(report: Path, document: dict[str, Any]) -> dict[str, Any]:
+    """The newest export's document, plus `exports`: one document per exported file still on
+    disk (the newest included), so an ONNX export's rows survive a later TorchScript one."""
+    try:
+        earlier = json.loads(report.read_text()).get("exports", {}) if report.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        earlier = {}  # an unreadable old report only loses the older rows
+    kept = {file: doc for file, doc in earlier.items() if Path(file).is_file()}
+    kept[document["file"]] = document
+    return {**document, "exports": kept}
 
 
 def format_table(result: ExportResult) -> str:

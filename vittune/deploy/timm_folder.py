@@ -47,6 +47,19 @@ if TYPE_CHECKING:  # the assembly imports every task; an export needs none of th
 # applied to the whole image: no crop, so crop_pct 1.0 and a centre "crop" that keeps it all.
 INTERPOLATION = "bilinear"
 CARD_NAME = "README.md"
+# pretrained_cfg keys that describe where a default checkpoint came from, not the model
+PROVENANCE = (
+    "tag",
+    "license",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "url",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
+    "description",
+)
 
 
 def vittune_version() -> str:
@@ -64,13 +77,17 @@ def export_config(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     task: str,
+    hub_weights: bool = False,
 ) -> dict[str, Any]:
     """config.json as timm's `save_config_for_hf` writes it for `model`, with vittune's facts.
 
     `model_args` come from what timm's factory recorded when it built `model` (img_size,
     patch_size, in_chans, the recipe's model.kwargs); `pretrained_cfg` carries the run's
     preprocessing. Class names go to timm's `label_names` only when the model has a head for
-    them (an MAE encoder has none).
+    them (an MAE encoder has none). Unless the run started from the architecture's hub
+    weights (`hub_weights`), the default weights' provenance (tag, license, hub id, paper)
+    is dropped: timm copies it from the architecture's default config, and a model trained
+    from scratch or from other weights never saw those.
     """
     height, width = to_2tuple(img_size)
     own: dict[str, Any] = {"version": vittune_version(), "task": task, "classes": list(classes)}
@@ -92,7 +109,11 @@ def export_config(
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "config.json"
         save_config_for_hf(model, str(path), model_config=model_config, data_config=data_config)
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
+    if not hub_weights:
+        for key in PROVENANCE:
+            config["pretrained_cfg"].pop(key, None)
+    return config
 
 
 def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -259,8 +280,9 @@ def export_best(
         own = set(module.state_dict())
         state = {k: v for k, v in state.items() if k in own}
     size, chans = recipe.model.img_size, recipe.model.in_chans
+    hub = recipe.model.pretrained is True  # the architecture's own hub weights
     config = export_config(
-        module, assembly.classes, size, chans, assembly.mean, assembly.std, command
+        module, assembly.classes, size, chans, assembly.mean, assembly.std, command, hub
     )
     if adapted is not None:
         config["vittune"]["peft"] = {"method": recipe.peft.method, "merged": adapted.merged}

@@ -28,9 +28,22 @@ def save_attention_figure(
     pixels: np.ndarray, heads: np.ndarray, rollout: np.ndarray, path: Path, title: str = ""
 ) -> Path:
     """pixels [C, H, W] in [0, 1]; heads [Hd, H, W]; rollout [H, W] -> one PNG."""
+    fig = attention_figure(pixels, heads, rollout, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def attention_figure(
+    pixels: np.ndarray, heads: np.ndarray, rollout: np.ndarray, title: str = ""
+) -> plt.Figure:
+    """The input, the mean class-token map, the rollout and each head, with a colour bar."""
     shown = heads[:MAX_HEADS_SHOWN]
     columns = max(3, len(shown))
-    fig, axes = plt.subplots(2, columns, figsize=(2.0 * columns, 4.4), squeeze=False)
+    fig, axes = plt.subplots(
+        2, columns, figsize=(2.6 * columns + 1.0, 5.8), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.set_axis_off()
     panels = [
@@ -41,19 +54,17 @@ def save_attention_figure(
     for ax, (name, overlay) in zip(axes[0], panels, strict=False):
         ax.imshow(**_show(pixels))
         if overlay is not None:
-            ax.imshow(overlay, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-        ax.set_title(name, fontsize=7)
+            shade = ax.imshow(overlay, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        ax.set_title(name, fontsize=9, wrap=True)
     for k, (ax, head) in enumerate(zip(axes[1], shown, strict=False)):
         ax.imshow(**_show(pixels))
         ax.imshow(head, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-        ax.set_title(f"head {k}", fontsize=7)
+        ax.set_title(f"head {k}", fontsize=9)
+    bar = fig.colorbar(shade, ax=axes, shrink=0.8)
+    bar.set_label("attention (each map scaled to [0, 1])", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+        fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def display_image(

@@ -97,6 +97,14 @@ def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> fl
     return float(-log_probs[np.arange(len(targets)), targets].mean())
 
 
+def calibrated_bins(
+    probs: np.ndarray, targets: np.ndarray, temperature: float, n_bins: int = DEFAULT_BINS
+) -> ReliabilityBins:
+    """The reliability bins of softmax(logits / T): the curve a fitted temperature gives."""
+    logits = logits_from_probs(probs).astype(np.float64) / temperature  # [N, K]
+    return reliability_bins(np.exp(log_softmax(logits, axis=1)), targets, n_bins)
+
+
 def fit_temperature(
     logits: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_BINS
 ) -> TemperatureFit:

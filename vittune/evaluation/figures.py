@@ -67,34 +67,61 @@ def save_confusion_figure(
     return _save(fig, path)
 
 
-def save_reliability_diagram(bins: ReliabilityBins, path: Path, title: str = "") -> Path:
-    """Accuracy per confidence bin against the diagonal, sample counts below, ECE in the title."""
+def save_reliability_diagram(
+    bins: ReliabilityBins,
+    path: Path,
+    title: str = "",
+    calibrated: ReliabilityBins | None = None,
+    temperature: float | None = None,
+) -> Path:
+    """Accuracy per confidence bin against the diagonal, sample counts below, ECE in the title;
+    with `calibrated` (the bins after temperature scaling) its curve too."""
+    return _save(reliability_figure(bins, title, calibrated, temperature), path)
+
+
+def reliability_figure(
+    bins: ReliabilityBins,
+    title: str = "",
+    calibrated: ReliabilityBins | None = None,
+    temperature: float | None = None,
+) -> plt.Figure:
+    """The reliability diagram as a figure (see `save_reliability_diagram`).
+
+    The gap between accuracy and mean confidence is an unfilled hatched box from the lower to
+    the higher of the two, so it looks like its legend entry whichever side it lies on (a
+    translucent fill over the accuracy bar would blend into another colour).
+    """
     lo, hi = bins.edges[:-1], bins.edges[1:]  # [M]
     width = hi - lo
     filled = bins.count > 0
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(5, 6), sharex=True, height_ratios=(3, 1), layout="constrained"
     )
+    accuracy, confidence = bins.accuracy[filled], bins.confidence[filled]
+    top.bar(lo[filled], accuracy, width[filled], align="edge", edgecolor="black", label="accuracy")
     top.bar(
         lo[filled],
-        bins.accuracy[filled],
+        np.abs(confidence - accuracy),
         width[filled],
+        bottom=np.minimum(confidence, accuracy),
         align="edge",
-        edgecolor="black",
-        label="accuracy",
-    )
-    gap = bins.confidence[filled] - bins.accuracy[filled]
-    top.bar(
-        lo[filled],
-        gap,
-        width[filled],
-        bottom=bins.accuracy[filled],
-        align="edge",
-        color="tab:red",
-        alpha=0.3,
-        label="gap to confidence",
+        facecolor="none",
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to mean confidence",
     )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    if calibrated is not None:
+        kept = calibrated.count > 0
+        top.plot(
+            calibrated.confidence[kept],
+            calibrated.accuracy[kept],
+            "o-",
+            color="tab:green",
+            label=f"after temperature {temperature:.3g} (ECE {calibrated.ece:.4f})"
+            if temperature is not None
+            else f"calibrated (ECE {calibrated.ece:.4f})",
+        )
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.legend(loc="upper left", fontsize=8)
@@ -103,7 +130,7 @@ def save_reliability_diagram(bins: ReliabilityBins, path: Path, title: str = "")
     bottom.set_xlim(0, 1)
     bottom.set_xlabel("top-1 confidence")
     bottom.set_ylabel("samples")
-    return _save(fig, path)
+    return fig
 
 
 def save_roc_curves(curves: dict[str, RocCurve], path: Path, title: str = "") -> Path:
@@ -131,14 +158,25 @@ def save_mistakes_grid(
     path: Path,
     columns: int = 4,
 ) -> Path:
-    """A grid of images titled "true / predicted (p)", e.g. the report's confident mistakes.
+    """`mistakes_figure` written to `path`."""
+    return _save(mistakes_figure(images, true, predicted, probability, columns), path)
+
+
+def mistakes_figure(
+    images: np.ndarray,
+    true: Sequence[str],
+    predicted: Sequence[str],
+    probability: Sequence[float],
+    columns: int = 4,
+) -> plt.Figure:
+    """A grid of images titled "true X" over "predicted Y (p)", e.g. the report's confident
+    mistakes.
 
     Args:
         images: [N, C, H, W] in [0, 1]; one channel shows grey, three RGB, others the mean.
         true: N true class names.
         predicted: N predicted class names.
         probability: N probabilities of the predicted class.
-        path: where to write the PNG.
         columns: images per row.
     """
     images = np.asarray(images, dtype=np.float32)
@@ -157,5 +195,8 @@ def save_mistakes_grid(
             ax.imshow(image.transpose(1, 2, 0))  # [H, W, 3]
         else:
             ax.imshow(image.mean(axis=0), cmap="gray", vmin=0.0, vmax=1.0)  # [H, W]
-        ax.set_title(f"{true[index]} / {predicted[index]} ({probability[index]:.2f})", fontsize=8)
-    return _save(fig, path)
+        ax.set_title(
+            f"true {true[index]}\npredicted {predicted[index]} ({probability[index]:.2f})",
+            fontsize=8,
+        )
+    return fig

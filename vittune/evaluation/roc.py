@@ -1,4 +1,4 @@
-"""ROC curve points (scikit-learn's `roc_curve`) for a binary task or for each label."""
+"""ROC curve points (scikit-learn's `roc_curve`): binary, one-vs-rest per class, or per label."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def roc(positive: np.ndarray, score: np.ndarray) -> RocCurve | None:
 def roc_curves(
     probs: np.ndarray, targets: np.ndarray, classes: list[str]
 ) -> tuple[dict[str, RocCurve], list[str]]:
-    """ROC of the positive class (binary) or of each label (multi-label), with notes.
+    """ROC of the positive class (binary), of each class against the rest (more than two
+    classes), or of each label (multi-label), with notes.
 
     Args:
         probs: [N, K] probabilities.
@@ -37,14 +38,13 @@ def roc_curves(
         classes: K names; a binary curve is named after the second class (the positive one).
 
     Returns:
-        Curves by name (empty for single-label tasks with more than two classes, where
-        one-vs-rest curves are summed up by the per-class AUROC), and notes on labels left out.
+        Curves by name (their AUCs are the per-class AUROCs of the report), and notes on
+        classes or labels left out.
     """
     if targets.ndim == 1:
-        if len(classes) != 2:
-            return {}, []
-        targets = np.stack([targets == 0, targets == 1], axis=1).astype(np.int64)  # [N, 2]
-        columns = [1]
+        one_hot = targets[:, None] == np.arange(len(classes))[None, :]  # [N, K]
+        targets = one_hot.astype(np.int64)
+        columns = [1] if len(classes) == 2 else list(range(len(classes)))
     else:
         columns = list(range(len(classes)))
     curves, missing = {}, []

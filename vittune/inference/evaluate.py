@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vittune.data.datamodule import scan_readable, scan_sources
 from vittune.data.datasets import ImageDataset, Sample, SplitSamples
 from vittune.errors import DataError, RecipeError
+from vittune.evaluation.calibration import calibrated_bins
 from vittune.evaluation.clinical_run import ClinicalOptions, check_clinical, clinical_numbers
 from vittune.evaluation.figures import (
     save_confusion_figure,
@@ -228,7 +229,19 @@ def write_outputs(
         save_confusion_figure(
             report.confusion, report.classes, folder / "confusion_matrix.png", title
         )
-        save_reliability_diagram(report.reliability, folder / "reliability.png", title)
+        fit = report.temperature  # --temperature: the calibrated curve too
+        after = (
+            calibrated_bins(result.probs, targets, fit.temperature, len(report.reliability.count))
+            if fit is not None
+            else None
+        )
+        save_reliability_diagram(
+            report.reliability,
+            folder / "reliability.png",
+            title,
+            after,
+            fit.temperature if fit is not None else None,
+        )
     if report.roc:
         save_roc_curves(report.roc, folder / "roc.png", title)
     picks = [int(i) for i in report.mistakes]

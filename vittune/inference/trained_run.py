@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vittune.data.datasets import Sample, SplitSamples
 from vittune.errors import DataError, RecipeError
+from vittune.inference.run_check import require_run_folder
 from vittune.models.adapters.loading import recipe_for_weights
 from vittune.models.run_config import read_run_config
 from vittune.models.weights import read_state_dict
@@ -47,7 +48,7 @@ def _run_classes(folder: Path) -> list[str]:
     return list(classes)
 
 
-def _weights_file(folder: Path, weights: str) -> Path:
+def _weights_file(folder: Path, weights: str, command: str) -> Path:
     if weights == "best":
         path = folder / "model.safetensors"
     elif weights == "last":
@@ -55,30 +56,46 @@ def _weights_file(folder: Path, weights: str) -> Path:
     else:
         path = Path(weights).expanduser()
     if not path.is_file():
-        raise RecipeError(
-            f"weights {path} not found; use --weights best (the export), last, or a file"
-        )
+        raise RecipeError(f"weights {path} not found; {_weights_hint(folder, path, command)}")
     return path
+
+
+def _weights_hint(folder: Path, missing: Path, command: str) -> str:
+    """Name the weights the folder does hold, never the option that just failed."""
+    last = folder / "checkpoints" / "last.ckpt"
+    if not (folder / "config.json").is_file() and last.is_file():
+        # stopped before its export: the classes (config.json) are written with it
+        return (
+            f"the run stopped before its export, and {last} holds its last step; finish it with"
+            f" `vittune {command} {folder / 'recipe.yaml'} trainer.resume_from=auto"
+            f" logging.run_dir={folder.parent} logging.name={folder.name}`"
+        )
+    held = {
+        "best": folder / "model.safetensors",
+        "last": folder / "checkpoints" / "last.ckpt",
+    }
+    there = [
+        f"--weights {name} ({path})"
+        for name, path in held.items()
+        if path != missing and path.is_file()
+    ]
+    if there:
+        return "this run holds " + ", ".join(there) + "; use that, or --weights FILE"
+    return "this run holds no weights yet (it has no export and no last.ckpt); give --weights FILE"
 
 
 def load_trained_run(
     folder: str | Path, overrides: list[str] | None = None, weights: str = "best"
 ) -> TrainedRun:
     """Read a run folder (`recipe.yaml`, `config.json`, weights); overrides apply to its recipe."""
-    folder = Path(folder)
-    recipe_file = folder / "recipe.yaml"
-    if not recipe_file.is_file():
-        raise RecipeError(
-            f"{folder} is not a vittune run folder (no recipe.yaml); give the folder a finished"
-            " `vittune finetune` or `vittune distill` run printed"
-        )
-    recipe = load_recipe(recipe_file, overrides or [], command=None)
+    folder = require_run_folder(folder)
+    recipe = load_recipe(folder / "recipe.yaml", overrides or [], command=None)
     if (recipe.task or "finetune") == "pretrain-mae" or recipe.mae is not None:
         raise RecipeError(
             f"{folder} is an MAE pretraining run: it has no classifier; fine-tune it first"
             f" (model.pretrained: {folder})"
         )
-    path = _weights_file(folder, weights)
+    path = _weights_file(folder, weights, recipe.task or "finetune")
     model = recipe.model.model_copy(update={"pretrained": str(path), "keep_head": True})
     # `task` goes: a distilled student is scored as the classifier it is (its two heads
     # averaged, which is what timm's distilled DeiT returns in eval mode). Class weights go

@@ -125,10 +125,22 @@ class AttentionMaps(Callback):
         self.run_dir, self.every, self.num_images = run_dir, every_n_epochs, num_images
         self.mean, self.std = mean, std
         self.images: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None  # [N] class ids (single-label), else None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
         if self.images is None and batch_idx == 0:  # the val loader is not shuffled: fixed set
             self.images = batch[0][: self.num_images].detach().clone()
+            labels = batch[1][: self.num_images]
+            self.labels = labels.detach().cpu().clone() if labels.ndim == 1 else None
+
+    def _outcome(self, pl_module: L.LightningModule, k: int, probs: torch.Tensor) -> str:
+        """ ": true a, predicted b (0.93)" for a single-label classifier, else nothing."""
+        classes = getattr(pl_module, "classes", None)
+        if self.labels is None or not classes or len(probs) != len(classes):
+            return ""
+        best = int(probs.argmax())
+        true = classes[int(self.labels[k])]
+        return f": true {true}, predicted {classes[best]} ({float(probs[best]):.2f})"
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -139,6 +151,8 @@ class AttentionMaps(Callback):
         # Eager: the capture hooks and the unfused attention path would each recompile.
         with eager(pl_module.model) as model:
             heads, rollout = attention_maps(model, self.images.to(pl_module.device))
+            with torch.no_grad():
+                probs = model(self.images.to(pl_module.device)).float().softmax(-1).cpu()
         folder = self.run_dir / "attention" / f"epoch_{epoch:03d}"
         for k in range(len(self.images)):
             path = save_attention_figure(
@@ -146,6 +160,6 @@ class AttentionMaps(Callback):
                 heads[k].cpu().numpy(),
                 rollout[k].cpu().numpy(),
                 folder / f"image_{k}.png",
-                f"validation image {k}, epoch {epoch}",
+                f"validation image {k}, epoch {epoch}" + self._outcome(pl_module, k, probs[k]),
             )
             log_image(trainer.loggers, f"val/attention_{k}", path)

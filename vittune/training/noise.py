@@ -21,6 +21,16 @@ KNOWN_NOISE: list[tuple[str, type[Warning]]] = [
     # every training run since the task normalises integer batches in on_after_batch_transfer:
     # Lightning notes that the module's hook is used when a data module is passed, as intended
     (r"You have overridden `on_after_batch_transfer` in `LightningModule`", Warning),
+    # an epoch of fewer batches than trainer.log_every_n_steps (small data, large batches):
+    # train/loss_epoch and the epoch line still report every epoch
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning),
+    # every distill run: the frozen teacher is in eval mode on purpose (models/teacher.py)
+    (r"Found \d+ module\(s\) in eval mode at the start of training", Warning),
+    # every resumed run: it continues in its own folder, whose checkpoints/ holds last.ckpt
+    (r"Checkpoint directory .* exists and is not empty", Warning),
+    # a trainer.max_steps run that ends before its first validation: there is no score to
+    # rank yet; vittune says "no best checkpoint" itself and tests and exports the last weights
+    (r"`ModelCheckpoint\(monitor=.*\)` could not find the monitored key", Warning),
 ]
 
 
@@ -51,5 +61,10 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.propagate = False
+    ignore_known_noise()
+
+
+def ignore_known_noise() -> None:
+    """Drop the Python warnings in KNOWN_NOISE (the rest of `quiet_third_party`'s job)."""
     for message, category in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)

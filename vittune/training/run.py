@@ -39,6 +39,7 @@ from vittune.training.run_folder import (
     removed_on_user_error,
     wandb_run_id,
 )
+from vittune.training.tracking import summarize_run
 from vittune.training.trainer import build_trainer, monitor_of
 
 
@@ -136,13 +137,18 @@ def _fit_into(
     if trainer.is_global_zero:
         log(f"vittune {command}: run folder {run_dir}")
         if resume is not None:
-            log(f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch})")
-        log(
-            f"  weights: {assembly.report.source}"
-            + "".join(f"\n  {n}" for n in assembly.report.notes)
-        )
+            log(
+                f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch});"
+                " weights, optimiser and schedule from it"
+            )
+        if resume is None:  # a resumed run's weights are the checkpoint's, said above
+            log(
+                f"  weights: {assembly.report.source}"
+                + "".join(f"\n  {n}" for n in assembly.report.notes)
+            )
         sizes = {s: len(v) for s, v in assembly.datamodule.found.splits.items()}
-        log(f"  data: {len(assembly.classes)} classes, images per split {sizes}")
+        kind = "unlabelled" if command == "pretrain-mae" else f"{len(assembly.classes)} classes"
+        log(f"  data: {kind}, images per split {sizes}")
         found = assembly.datamodule.found  # the split, auditable and reusable (data.splits_from)
         atomic_write(run_dir / "splits.csv", lambda p: write_splits(p, found))
         if wandb_message:
@@ -169,6 +175,12 @@ def _fit_into(
         guard.phase = "while stopping"  # Lightning's handler is gone: a signal stops at once
         raise
     guard.phase = "after training"
+    # the lr the last epoch line printed (the largest group's), before testing touches anything
+    final_lr = (
+        max((g["lr"] for g in trainer.optimizers[0].param_groups), default=None)
+        if trainer.optimizers
+        else None
+    )
     if trainer.is_global_zero and (corrupt := assembly.datamodule.corrupt_report()):
         log(corrupt)
     result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
@@ -185,20 +197,44 @@ def _fit_into(
             assembly, recipe, command, best, run_dir, metrics=tests.get("test")
         )
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
+        report = None
         if tests:
-            log_tests(run_dir, tests, log)
+            report = log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
+        send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr, report)
     return result
 
 
-def log_tests(
-    run_dir: Path, tests: dict[str, dict[str, float]], log: Callable[[str], None]
+def send_to_wandb(
+    trainer: L.Trainer,
+    run_dir: Path,
+    export: Path,
+    best: bool,
+    final_lr: float | None,
+    report: Path | None,
 ) -> None:
+    """The test report and the model artifact; the summary's epoch is the last one trained
+    (Lightning's test logging leaves it one past) and its `lr` the one the console printed."""
+    from vittune.training.wandb_run import log_model_artifact, log_test_report  # noqa: PLC0415
+
+    if report is not None:  # eval/test, or eval/test-2... in a resumed run's folder
+        log_test_report(trainer.loggers, report)
+    log_model_artifact(trainer.loggers, run_dir, export, best)
+    last = {"epoch": trainer.fit_loop.epoch_progress.current.started - 1}
+    summarize_run(trainer.loggers, last | ({"lr": final_lr} if final_lr is not None else {}))
+
+
+def log_tests(
+    run_dir: Path,
+    tests: dict[str, dict[str, float]],
+    log: Callable[[str], None],
+    exported: str = "best",
+) -> Path:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
     calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
     from vittune.inference.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
 
     for name, values in tests.items():
-        weights = "last" if name == "test_last" else "best"
+        weights = "last" if name == "test_last" else exported
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         log(f"  {name} ({weights} weights): {shown}")
     report = evaluate_run(run_dir, [], split="test", name="test")
@@ -208,3 +244,4 @@ def log_tests(
             f"  test AUROC macro {report.clinical['auroc_macro']:.4f}, 95% CI [{low:.4f}, {high:.4f}]"
         )
     log(f"  test report: {report.folder}")
+    return report.folder

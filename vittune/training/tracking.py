@@ -91,7 +91,9 @@ def build_loggers(
         return loggers, None
     import wandb  # noqa: PLC0415 (only runs that log to W&B pay for its import)
 
-    wandb_logger = WandbLogger(
+    from vittune.training.wandb_run import SectionedWandbLogger  # noqa: PLC0415
+
+    wandb_logger = SectionedWandbLogger(
         project=cfg.project,
         entity=cfg.entity,
         name=run_name,
