@@ -52,7 +52,8 @@ def guarded(action: Callable[[], None]) -> None:
         typer.echo(f"vittune: error: {one_line(err)}", err=True)
         raise typer.Exit(code=2) from None
     except Preempted as stop:
-        typer.echo(f"vittune: {stop}", err=True)
+        if str(stop):  # other DDP ranks stop silently
+            typer.echo(f"vittune: {stop}", err=True)
         raise typer.Exit(code=stop.exit_code) from None
 
 

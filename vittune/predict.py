@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vittune.data.decode import read_image
+from vittune.data.workers import ignore_stop_signals
 from vittune.errors import DataError, RecipeError
 from vittune.evaluate import device_for
 from vittune.evaluation.inputs import expand_inputs
@@ -88,6 +89,7 @@ def predict_files(
         batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=_collate,
+        worker_init_fn=ignore_stop_signals,
     )
     target = device_for(device)
     task.to(target).eval()

@@ -37,6 +37,7 @@ from vittune.run_folder import (
     removed_on_user_error,
     wandb_run_id,
 )
+from vittune.safeguards.run_lock import acquire, release
 from vittune.trainer import build_trainer, monitor_of
 
 
@@ -67,7 +68,9 @@ def fit(
             Path(recipe_path).stem,
             reuse=recipe.trainer.resume_from == "auto",
         )
+        lock = None
         try:
+            lock = acquire(folder.path) if folder.owner else None  # one writer per run folder
             with removed_on_user_error(folder, lambda: held_checkpoints(folder.path)):
                 return _fit_into(folder, recipe, command, log, resume, guard)
         except Preempted as stop:
@@ -83,6 +86,7 @@ def fit(
                 ) from None
             raise
         finally:
+            release(lock)
             release_run_dir(folder)
 
 
@@ -148,6 +152,8 @@ def _fit_into(
         guard.phase = "while stopping"
         signum = guard.signum or signal.SIGTERM
         name, last = signal.Signals(signum).name, run_dir / "checkpoints" / "last.ckpt"
+        if not trainer.is_global_zero:  # rank 0 says it, once
+            raise Preempted(signum, "") from None
         if not last.is_file():
             raise Preempted(signum, f"stopped by {name} before the first step") from None
         raise Preempted(

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vittune.data.decode import image_header, read_raw
+from vittune.data.workers import ignore_stop_signals
 from vittune.errors import DataError
 
 FORMAT = b"VTCACHE1"  # the footer's magic; change it when the layout changes
@@ -170,6 +171,7 @@ def _decode_all(paths: list[Path], max_pixels: int | None, workers: int):
         num_workers=workers,
         collate_fn=_as_is,
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
     yield from loader
 

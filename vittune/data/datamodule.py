@@ -40,6 +40,7 @@ from vittune.data.transforms import (
     build_train_transform,
     seed_augmentation,
 )
+from vittune.data.workers import ignore_stop_signals
 from vittune.errors import DataError
 from vittune.recipe.schema import AugmentConfig, DataConfig
 
@@ -96,6 +97,7 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     workers continue their own streams from epoch to epoch, and a run with the same
     `trainer.seed` repeats exactly. The rank keeps DDP processes apart.
     """
+    ignore_stop_signals()  # the main process stops the run (vittune/data/workers.py)
     pl_worker_init_function(worker_id, rank)  # what Lightning does when no worker_init_fn is set
     info = get_worker_info()
     seed_augmentation(info.dataset.transform, np.random.SeedSequence([info.seed, rank]))
