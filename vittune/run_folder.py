@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vittune.errors import RecipeError, VittuneError
+from vittune.safeguards.disk_space import is_write_failure, needed_for, storage_error
 
 RUN_DIR_ENV = "VITTUNE_RUN_DIR"  # the folder, for the DDP children Lightning launches
 RUN_DIR_PARENT_ENV = "VITTUNE_RUN_DIR_PARENT"  # pid of the process that made the folder
@@ -171,8 +172,11 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644)
         _fsync(temp)
         os.chmod(temp, mode)  # mkstemp makes 0600 files; exports are meant to be shared
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as err:
+        needed = needed_for(path, temp)
         temp.unlink(missing_ok=True)
+        if is_write_failure(err):  # a full disk: one line naming the file and the space
+            raise storage_error(path, needed, err) from None
         raise
     _fsync(folder)
 

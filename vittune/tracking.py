@@ -15,6 +15,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from vittune.errors import RecipeError
 from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 from vittune.recipe.schema import LoggingConfig
+from vittune.safeguards.disk_space import is_write_failure, needed_for, storage_error
 from vittune.safeguards.wandb_start import start_or_reason
 
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
@@ -167,6 +168,15 @@ class AppendingWriter(ExperimentWriter):
     A run resumed into its own folder (`trainer.resume_from: auto`) keeps the rows of the steps
     before the interruption; the new rows are appended under the same (sorted) header.
     """
+
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as err:
+            if not is_write_failure(err):
+                raise
+            path = Path(self.metrics_file_path)
+            raise storage_error(path, needed_for(path, None), err) from None
 
     def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
         if os.path.isfile(self.metrics_file_path):
