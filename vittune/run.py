@@ -38,6 +38,7 @@ from vittune.run_folder import (
     wandb_run_id,
 )
 from vittune.safeguards.run_lock import acquire, release
+from vittune.safeguards.settings import check_machine, check_monitor, validation_metrics
 from vittune.trainer import build_trainer, monitor_of
 
 
@@ -59,6 +60,7 @@ def fit(
     `trainer.resume_from` is checked before the run folder exists; `auto` continues the newest
     checkpoint of `<logging.run_dir>/<logging.name>` in that same folder (or starts fresh there).
     """
+    check_machine(recipe)  # a GPU that is not there, an unusable cache folder: no folder yet
     resume = resolve_resume(recipe)
     guard = PreemptionGuard()
     with guard.installed():
@@ -124,6 +126,7 @@ def _fit_into(
         if folder.owner:
             carry_best(resume, run_dir / "checkpoints")
     monitor = monitor_of(recipe, assembly.task)
+    check_monitor(monitor[0], validation_metrics(assembly.task))
     start = resume.global_step if resume else 0
     wandb_id = wandb_run_id(folder) if recipe.logging.wandb else None
     trainer, checkpoint, wandb_message = build_trainer(

@@ -15,6 +15,7 @@ import timm.optim
 
 from vittune.errors import RecipeError
 from vittune.recipe.schema import Command, Recipe
+from vittune.safeguards.settings import check_trainer_settings
 
 Check = Callable[[Recipe], None]
 
@@ -150,7 +151,14 @@ def check_distill(recipe: Recipe) -> None:
         )
 
 
-COMMON: list[Check] = [check_model, check_data, check_optim, check_mixing, check_loss]
+COMMON: list[Check] = [
+    check_model,
+    check_data,
+    check_optim,
+    check_mixing,
+    check_loss,
+    check_trainer_settings,
+]
 CHECKS: dict[str, list[Check]] = {
     "finetune": [*COMMON, check_freeze],
     "pretrain-mae": [*COMMON, check_mae],
