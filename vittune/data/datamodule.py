@@ -33,6 +33,7 @@ from vittune.data.datasets import (
     scan_folder,
     stratified_split,
 )
+from vittune.data.duplicates import remove_duplicates
 from vittune.data.transforms import (
     IntegerFirst,
     IntegerNormalise,
@@ -56,6 +57,7 @@ def scan_readable(cfg: DataConfig) -> SplitSamples:
         found = scan_csv(cfg.csv, multi_label=cfg.multi_label, labelled=cfg.labelled)
     else:
         found = scan_folder(cfg.root, labelled=cfg.labelled)
+    found = remove_duplicates(found, cfg.allow_duplicates)  # before anything is split or read
     return drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
 
 
