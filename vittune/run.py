@@ -49,6 +49,7 @@ class RunResult:
     best_score: float | None
     export_path: Path | None
     messages: list[str] = field(default_factory=list)
+    exported: str = "best"  # which weights the export holds: "best", or "last" (save_top_k 0)
     metrics: dict = field(default_factory=dict)  # what metrics.json holds
 
 
@@ -79,6 +80,11 @@ def fit(
             held = held_checkpoints(folder.path)
             if folder.created and held is None:
                 shutil.rmtree(folder.path, ignore_errors=True)  # stopped before any step
+            if guard.stopped_in == "after the export":
+                raise Preempted(
+                    stop.signum,
+                    f"{stop}; the run had finished: {folder.path} holds its export",
+                ) from None
             if guard.stopped_in == "after training":
                 raise Preempted(
                     stop.signum,
@@ -183,21 +189,26 @@ def _fit_into(
         result.export_path = export_best(
             assembly, recipe, command, best, run_dir, metrics=tests.get("test")
         )
+        guard.phase = "after the export"
+        result.exported = "best" if best else "last"
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
         if tests:
-            log_tests(run_dir, tests, log)
+            log_tests(run_dir, tests, log, result.exported)
     return result
 
 
 def log_tests(
-    run_dir: Path, tests: dict[str, dict[str, float]], log: Callable[[str], None]
+    run_dir: Path,
+    tests: dict[str, dict[str, float]],
+    log: Callable[[str], None],
+    exported: str = "best",
 ) -> None:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
     calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
     from vittune.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
 
     for name, values in tests.items():
-        weights = "last" if name == "test_last" else "best"
+        weights = "last" if name == "test_last" else exported
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         log(f"  {name} ({weights} weights): {shown}")
     report = evaluate_run(run_dir, [], split="test", name="test")
