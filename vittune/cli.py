@@ -53,7 +53,8 @@ def guarded(action: Callable[[], None]) -> None:
         typer.echo(f"vittune: error: {one_line(err)}", err=True)
         raise typer.Exit(code=2) from None
     except Preempted as stop:
-        typer.echo(f"vittune: {stop}", err=True)
+        if str(stop):  # other DDP ranks stop silently
+            typer.echo(f"vittune: {stop}", err=True)
         raise typer.Exit(code=stop.exit_code) from None
 
 
@@ -70,7 +71,10 @@ def _train(command: str, recipe_path: str, overrides: list[str] | None, print_re
         result = fit(recipe, command, recipe_path, log=typer.echo)
         if result.export_path is not None:
             score = f"{result.best_score:.4f}" if result.best_score is not None else "n/a"
-            typer.echo(f"vittune {command}: done. best {result.monitor} = {score}")
+            if result.exported == "last":  # checkpoint.save_top_k 0 keeps no best checkpoint
+                typer.echo(f"vittune {command}: done. exported the last weights (no best kept)")
+            else:
+                typer.echo(f"vittune {command}: done. best {result.monitor} = {score}")
             typer.echo(f"  exported {result.export_path}")
             typer.echo(f"  run folder: {result.run_dir}")
             # result.messages (the W&B notice) were printed when the run started: not again
@@ -453,6 +457,9 @@ def options(
 
 
 def main() -> None:
+    from vittune.training import early_signals
+
+    early_signals.install()  # a signal during the imports: one line, 128 + signum
     from vittune.training.noise import quiet_third_party
 
     quiet_third_party()  # here, not on import: library users keep their logging and warnings

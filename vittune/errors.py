@@ -16,6 +16,10 @@ class DataError(VittuneError):
     """The data on disk does not match what the recipe says."""
 
 
+class StorageError(VittuneError):
+    """The disk refused a write (full, over quota, or a file-size limit); nothing is lost."""
+
+
 class WeightsError(VittuneError):
     """Pretrained weights cannot be found, verified or loaded into the model."""
 

@@ -1,18 +1,26 @@
-"""Writing files so that a crash or a second process never leaves a half-made one.
+"""Writing files so that a crash, a full disk or a second process never leaves a half-made one.
 
 Every layer that writes into a run folder (checkpoints, exports, evaluation reports) uses
-these two primitives: `atomic_write` (the old file or the new one, never a torn one) and
+these primitives: `atomic_write` (the old file or the new one, never a torn one) and
 `claim_fresh_folder` (a new folder, never one that exists).
+
+A full disk (or a quota, or a file-size limit) is said in one line: which file, how much space
+is free there, and about how much the write needed. torch.save on a full disk fails inside its
+zip writer with `RuntimeError: [enforce fail at inline_container.cc] unexpected pos 64 vs 0`
+(141 lines of traceback; "No space left" appeared nowhere), Lightning's CSV writer with a bare
+OSError. Writes go through atomic temp files, so the file being replaced is still whole.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from vittune.errors import RecipeError
+from vittune.errors import RecipeError, StorageError
 
 RUN_DIR_FIX = "point logging.run_dir at a writable folder"
 
@@ -61,8 +69,11 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644)
         _fsync(temp)
         os.chmod(temp, mode)  # mkstemp makes 0600 files; exports are meant to be shared
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as err:
+        needed = needed_for(path, temp)
         temp.unlink(missing_ok=True)
+        if is_write_failure(err):  # a full disk: one line naming the file and the space
+            raise storage_error(path, needed, err) from None
         raise
     _fsync(folder)
 
@@ -73,3 +84,61 @@ def _fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# torch's zip writer reports a failed write as a RuntimeError with one of these
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def _megabytes(size: float) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is a write that the storage refused."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        if isinstance(seen, RuntimeError) and any(m in str(seen) for m in TORCH_WRITE_FAILURES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def storage_error(path: Path, needed: int, err: BaseException) -> StorageError:
+    """The one-line error for a refused write of about `needed` bytes to `path`."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    limit = free > 2 * needed + 10_000_000 or _efbig(err)  # room left, yet refused
+    why = (
+        "the write was refused with space free (a quota or a file-size limit, ulimit -f)"
+        if limit
+        else "no space left on device"
+    )
+    kept = " (the previous file is kept, whole)" if path.exists() else ""
+    return StorageError(
+        f"cannot write {path}: {why}; {_megabytes(free)} free there, about"
+        f" {_megabytes(needed)} needed{kept}; free some space or point logging.run_dir"
+        " at a larger disk"
+    )
+
+
+def _efbig(err: BaseException) -> bool:
+    chain = (err, err.__cause__, err.__context__)
+    return any(isinstance(e, OSError) and e.errno == errno.EFBIG for e in chain)
+
+
+def needed_for(path: Path, temp: Path | None) -> int:
+    """About how many bytes a write of `path` needs: what it got to, or the file it replaces."""
+    sizes = [0]
+    for candidate in (temp, path):
+        try:
+            if candidate is not None:
+                sizes.append(candidate.stat().st_size)
+        except OSError:
+            pass
+    return max(sizes)

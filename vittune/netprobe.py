@@ -14,29 +14,40 @@ import urllib.request
 PROBE_TIMEOUT_S = 3.0
 
 
-def _answers(url: str, timeout: float) -> bool:
-    request = urllib.request.Request(url, method="HEAD")
+def _answers(url: str, timeout: float, body: bytes | None = None) -> bool:
+    headers = {"Content-Type": "application/json"} if body else {}
+    request = urllib.request.Request(
+        url, data=body, method="POST" if body else "HEAD", headers=headers
+    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout):  # noqa: S310 (http/https only)
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            response.read(1 << 16)  # the whole answer must come, not only its headers
             return True
-    except urllib.error.HTTPError:
-        return True  # an HTTP status, even 4xx/5xx, means a server is there and answering
+    except urllib.error.HTTPError as err:
+        # an HTTP status means a server is there and answering; an API call (a body) must
+        # also not fail on the server's side (5xx: a proxy up, the application behind it not)
+        return body is None or err.code < 500
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
-def endpoint_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+def endpoint_reachable(
+    url: str, timeout: float = PROBE_TIMEOUT_S, body: bytes | None = None
+) -> bool:
     """True when an HTTP(S) server at `url` answers within `timeout` seconds in total.
 
     An HTTP request rather than a TCP connect: a port that accepts connections but never
     answers (a stuck proxy or tunnel) passes a connect check and then hangs the client. The
     request runs in a daemon thread joined with the deadline, because name resolution is not
-    covered by socket timeouts and can take much longer on a machine without DNS.
+    covered by socket timeouts and can take much longer on a machine without DNS. With a
+    `body` the request is a POST of that JSON, and a 5xx answer counts as not answering.
     """
     if not url.startswith(("http://", "https://")):
         return False
     result: list[bool] = []
-    worker = threading.Thread(target=lambda: result.append(_answers(url, timeout)), daemon=True)
+    worker = threading.Thread(
+        target=lambda: result.append(_answers(url, timeout, body)), daemon=True
+    )
     worker.start()
     worker.join(timeout)
     return bool(result and result[0])

@@ -41,6 +41,7 @@ LIGHTNING_NOTES = ("in eval mode at the start", "smaller than the logging interv
 KEEP_MODEL = ("model.name", "model.kwargs", "model.img_size", "model.patch_size")
 NEEDS: dict[str, dict] = {
     "quickstart": {},
+    "lora": {"after": "quickstart", "as": "model.pretrained"},
     "medical": {},
     "mae": {"extra": TINY_MAE_DECODER},
     "mae_digits_pretrain": {"extra": TINY_MAE_DECODER},
@@ -130,7 +131,7 @@ def logged_metrics(run_dir: Path) -> set[str]:
 
 def check_classifier_run(run_dir: Path) -> None:
     """The test report was written, and `evaluate` and `export` work on the run."""
-    from vittune.deploy import export_run
+    from vittune.deploy.pipeline import export_run
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"test/acc1", "test/loss"}, metrics

@@ -104,15 +104,18 @@ def test_predict_agrees_with_evaluate_and_lists_unreadable_files(trained: Path) 
     test_dir = trained.parents[1] / "data" / "test"
     broken = trained.parents[1] / "broken.png"
     broken.write_bytes(b"not an image")
+    empty = trained.parents[1] / "empty.png"
+    empty.write_bytes(b"")  # a zero-byte file (was a cv2.error traceback)
     out = trained.parents[1] / "preds.csv"
     result = run_cli(
-        "predict", str(trained), str(test_dir), str(broken), "--out", str(out),
+        "predict", str(trained), str(test_dir), str(broken), str(empty), "--out", str(out),
         cwd=trained, env=ONE_THREAD,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "21 images predicted, 1 unreadable" in result.stdout
+    assert "21 images predicted, 2 unreadable" in result.stdout
     predicted = {r["path"]: r for r in rows(out)}
     assert "cannot decode image" in predicted[str(broken)]["error"]
+    assert "the file is empty (0 bytes)" in predicted[str(empty)]["error"]
     evaluated = rows(trained / "eval" / "test" / "predictions.csv")
     for row in evaluated:  # the same image: the same class, the same probability
         mine = predicted[str(Path(row["path"]))]

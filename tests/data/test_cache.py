@@ -107,6 +107,26 @@ def test_a_truncated_cache_file_is_detected_and_rebuilt(
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_zeroed_pixel_bytes_with_index_and_footer_intact_are_detected_and_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = folder(tmp_path / "d")
+    first = module(root, "disk", tmp_path)
+    first.setup("fit")
+    expected = epochs(first)
+    for damaged in (tmp_path / "decoded").glob("*.vtcache"):
+        with damaged.open("r+b") as handle:  # a run of pixel bytes zeroed in place
+            handle.seek(100)
+            handle.write(bytes(500))
+    decoded = count_decodes(monkeypatch)
+    again = module(root, "disk", tmp_path)
+    with pytest.warns(UserWarning, match="an image's checksum did not match"):
+        again.setup("fit")
+    assert len(decoded) == 15  # decoded again, not trusted
+    for got, want in zip(epochs(again), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_a_file_that_fails_to_decode_is_still_left_out_and_reported(
     tmp_path: Path, cache: str

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vittune.data.decode import image_header, read_raw
 from vittune.data.dicom import DICOM_SUFFIXES, DicomOptions
+from vittune.data.workers import ignore_stop_signals
 from vittune.errors import DataError
 
-FORMAT = b"VTCACHE1"  # the footer's magic; change it when the layout changes
+FORMAT = b"VTCACHE2"  # the footer's magic; change it when the layout changes (2: checksums)
 _FOOTER = 16  # index length (8 bytes, little endian) + FORMAT
 RAM_SHARE = 0.5  # `memory` refuses a cache larger than this share of available memory
 # bytes per pixel as OpenCV decodes each PIL mode (a palette becomes BGR); unknown: 8
@@ -86,18 +88,19 @@ class _Index:
     dtypes: np.ndarray  # [N] str, numpy dtype names ("" for a file that failed)
     errors: np.ndarray  # [N] str, why a file failed to decode ("" when it did not)
     key: str
+    sums: np.ndarray  # [N] uint32, CRC-32 of each image's bytes (0 for a failed file)
 
     def to_bytes(self) -> bytes:
         out = io.BytesIO()
         np.savez(out, offsets=self.offsets, shapes=self.shapes, dtypes=self.dtypes,
-                 errors=self.errors, key=np.array(self.key))  # fmt: skip
+                 errors=self.errors, key=np.array(self.key), sums=self.sums)  # fmt: skip
         return out.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> _Index:
         with np.load(io.BytesIO(data), allow_pickle=False) as saved:
             return cls(saved["offsets"], saved["shapes"], saved["dtypes"], saved["errors"],
-                       str(saved["key"]))  # fmt: skip
+                       str(saved["key"]), saved["sums"])  # fmt: skip
 
     def nbytes(self, index: int) -> int:
         if self.errors[index]:
@@ -177,6 +180,7 @@ def _decode_all(paths: list[Path], max_pixels: int | None, workers: int, dicom=N
         num_workers=workers,
         collate_fn=_as_is,
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
     yield from loader
 
@@ -188,6 +192,7 @@ def _fill(
     count = len(paths)
     offsets, shapes = np.zeros(count, np.int64), np.zeros((count, 3), np.int64)
     dtypes, errors = [""] * count, [""] * count
+    sums = np.zeros(count, np.uint32)
     offset = 0
     for position, pixels, error in _decode_all(paths, max_pixels, workers, dicom):
         if error is not None:
@@ -196,9 +201,11 @@ def _fill(
         offsets[position] = offset
         shapes[position, : pixels.ndim] = pixels.shape
         dtypes[position] = pixels.dtype.name
-        write(offset, memoryview(pixels).cast("B"))
+        data = memoryview(pixels).cast("B")
+        sums[position] = zlib.crc32(data)
+        write(offset, data)
         offset += pixels.nbytes
-    return _Index(offsets, shapes, np.array(dtypes, str), np.array(errors, str), key)
+    return _Index(offsets, shapes, np.array(dtypes, str), np.array(errors, str), key, sums)
 
 
 def build_memory_cache(
@@ -268,7 +275,26 @@ def open_disk_cache(path: Path, key: str, count: int) -> DecodedCache | None:
     ends = [int(index.offsets[i]) + index.nbytes(i) for i in range(len(index.offsets))]
     if index.key != key or len(index.offsets) != count or max(ends, default=0) > data_end:
         return None
+    if len(index.sums) != count or not _pixels_intact(path, index):
+        return None
     return DecodedCache(index, None, path)
+
+
+def _pixels_intact(path: Path, index: _Index) -> bool:
+    """Every image's bytes against the CRC-32 stored when it was written.
+
+    The index and footer say nothing about the pixels between them: bytes zeroed or changed
+    there (a bad sector, a stray write, a copy cut and padded) were trusted and trained on.
+    One sequential read at setup, far cheaper than the decoding the cache saves.
+    """
+    data = np.memmap(path, dtype=np.uint8, mode="r")  # [bytes]
+    for i in range(len(index.offsets)):
+        if index.errors[i]:
+            continue
+        start = int(index.offsets[i])
+        if zlib.crc32(data[start : start + index.nbytes(i)]) != int(index.sums[i]):
+            return False
+    return True
 
 
 def disk_cache_path(
@@ -292,7 +318,9 @@ def build_disk_cache(
         return cache
     if path.exists():
         warnings.warn(
-            f"decoded-image cache {path} is incomplete or damaged; rebuilding it", stacklevel=2
+            f"decoded-image cache {path} is incomplete or damaged; rebuilding it (its index,"
+            " footer or an image's checksum did not match)",
+            stacklevel=2,
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{key}-", suffix=".partial", dir=cache_dir)

@@ -34,6 +34,7 @@ from vittune.data.datasets import (
     stratified_split,
 )
 from vittune.data.dicom import options_from
+from vittune.data.duplicates import remove_duplicates
 from vittune.data.frames import expand_frames
 from vittune.data.groups import apply_splits_file, assign_pattern_groups, carve, check_overlap
 from vittune.data.transforms import (
@@ -43,6 +44,7 @@ from vittune.data.transforms import (
     build_train_transform,
     seed_augmentation,
 )
+from vittune.data.workers import ignore_stop_signals
 from vittune.errors import DataError
 from vittune.recipe.schema import AugmentConfig, DataConfig
 
@@ -60,6 +62,7 @@ def scan_readable(cfg: DataConfig) -> SplitSamples:
         found = scan_folder(cfg.root, labelled=cfg.labelled)
         if cfg.group_pattern:
             assign_pattern_groups(found, cfg.root, cfg.group_pattern)
+    found = remove_duplicates(found, cfg.allow_duplicates)  # before anything is split or read
     found = drop_unreadable(found, cfg.max_image_pixels, cfg.on_corrupt)
     return expand_frames(found) if cfg.dicom_frame == "all" else found
 
@@ -104,6 +107,7 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     workers continue their own streams from epoch to epoch, and a run with the same
     `trainer.seed` repeats exactly. The rank keeps DDP processes apart.
     """
+    ignore_stop_signals()  # the main process stops the run (vittune/data/workers.py)
     pl_worker_init_function(worker_id, rank)  # what Lightning does when no worker_init_fn is set
     info = get_worker_info()
     seed_augmentation(info.dataset.transform, np.random.SeedSequence([info.seed, rank]))

@@ -195,11 +195,18 @@ def _decode(source: str | Path | bytes, name: str | Path, data: bytes | None = N
     # imread, not imdecode, for JPEG files: the two judge a truncated JPEG differently
     # (imread keeps what libjpeg recovered), and files have always been read with imread.
     # Every other file is decoded from the bytes already read for its header.
-    pixels = (
-        cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
-        if not in_memory and data[:3] == _JPEG_START
-        else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    )
+    if not data:  # OpenCV asserts on an empty buffer (a cv2.error traceback)
+        raise DataError(
+            f"cannot decode image {name}: the file is empty (0 bytes); replace or remove it"
+        )
+    try:
+        pixels = (
+            cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+            if not in_memory and data[:3] == _JPEG_START
+            else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        )
+    except cv2.error:  # OpenCV's assertions on malformed input
+        pixels = None
     if pixels is None or pixels.size == 0:
         raise DataError(
             f"cannot decode image {name}: the file is corrupt or not an image; replace or remove it"

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vittune.data.datamodule import scan_readable, scan_sources
 from vittune.data.datasets import ImageDataset, Sample, SplitSamples
+from vittune.data.workers import ignore_stop_signals
 from vittune.errors import DataError, RecipeError
 from vittune.evaluation.calibration import calibrated_bins
 from vittune.evaluation.clinical_run import ClinicalOptions, check_clinical, clinical_numbers
@@ -89,7 +90,11 @@ def predict_dataset(
 ) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
     """(scored indices, undecodable indices, probs [N, K], targets) over a dataset, in order."""
     loader = DataLoader(
-        _Indexed(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+        _Indexed(dataset),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        worker_init_fn=ignore_stop_signals,
     )
     task.to(device).eval()
     scored, failed, probs, targets = [], [], [], []

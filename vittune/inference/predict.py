@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from vittune.data.decode import read_raw, to_float
 from vittune.data.dicom import DicomOptions
+from vittune.data.workers import ignore_stop_signals
 from vittune.errors import DataError, RecipeError
 from vittune.evaluation.clinical_run import load_operating_point
 from vittune.evaluation.inputs import expand_inputs
@@ -118,6 +119,7 @@ def predict_files(
         batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=_collate,
+        worker_init_fn=ignore_stop_signals,
     )
     target = device_for(device)
     task.to(target).eval()

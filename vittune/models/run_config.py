@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vittune.errors import WeightsError
+from vittune.models.geometry import geometry_problems
 
 # timm's top-level keys (timm/models/_hub.py: save_config_for_hf) and vittune's own.
 TIMM_KEYS = frozenset(
@@ -144,7 +145,15 @@ def _check_args(config_file: Path, name: str, args: Any, allowed: frozenset[str]
             config_file,
             f"{name} {refused} are not architecture geometry (sizes and switches such as depth, embed_dim)",
         )
+    _check_bounds(config_file, name, args)
     return args
+
+
+def _check_bounds(config_file: Path, name: str, args: dict[str, Any]) -> None:
+    # before anything is built: timm allocates the whole model from these numbers
+    problems = geometry_problems(args)
+    if problems:
+        raise _fail(config_file, f"{name} out of range: {'; '.join(problems[:3])}")
 
 
 def _names(config_file: Path, name: str, value: Any) -> list[str]:
@@ -208,10 +217,17 @@ def _read_timm(config_file: Path, config: dict[str, Any]) -> RunConfig:
     )
     if input_size is not None and len(input_size) != 3:
         raise _fail(config_file, "pretrained_cfg.input_size must be [channels, height, width]")
+    _check_bounds(config_file, "config", {"num_classes": config.get("num_classes")})
     img_size = _size(config_file, "model_args.img_size", args.get("img_size"))
     patch = own.get("patch_size", args.get("patch_size"))
     in_chans = args.get("in_chans", input_size[0] if input_size else None)
     classes = _names(config_file, "label_names", config.get("label_names"))
+    sizes = {"patch_size": patch, "in_chans": in_chans}
+    _check_bounds(
+        config_file,
+        "config",
+        {**sizes, "img_size": list(img_size or input_size or [])[-2:] or None},
+    )
     return RunConfig(
         path=config_file,
         architecture=config.get("architecture"),
@@ -234,6 +250,8 @@ def _read_legacy(config_file: Path, config: dict[str, Any]) -> RunConfig:
     kwargs = _check_args(
         config_file, "model_kwargs", config.get("model_kwargs") or {}, GEOMETRY_KWARGS
     )
+    sizes = {k: config.get(k) for k in ("num_classes", "img_size", "patch_size", "in_chans")}
+    _check_bounds(config_file, "config", sizes)
     return RunConfig(
         path=config_file,
         architecture=config.get("architecture"),

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vittune.errors import WeightsError
 from vittune.models.run_config import RunConfig, read_run_config
+from vittune.models.safetensors_check import check_safetensors
 from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 
 WEIGHT_FILES = ("model.safetensors", "encoder.safetensors")
@@ -67,7 +69,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Lightning checkpoints are unwrapped to the backbone (`model.` prefix stripped).
     """
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        check_safetensors(path)  # sizes against the file's, before the library allocates
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:  # what the header check cannot see
+            raise WeightsError(f"{path} cannot be read as safetensors: {err}") from None
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickles that need arbitrary code are refused here

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from vittune.errors import RecipeError
 from vittune.recipe.overrides import deep_merge, format_validation_error, parse_override
 from vittune.recipe.schema import Command, Recipe
+from vittune.recipe.trainer_settings import check_trainer_settings
 
 Check = Callable[[Recipe], None]
 
@@ -218,7 +219,14 @@ def check_not_for_mae(recipe: Recipe) -> None:
         )
 
 
-COMMON: list[Check] = [check_model, check_data, check_optim, check_mixing, check_loss]
+COMMON: list[Check] = [
+    check_model,
+    check_data,
+    check_optim,
+    check_mixing,
+    check_loss,
+    check_trainer_settings,
+]
 CHECKS: dict[str, list[Check]] = {
     "finetune": [*COMMON, check_freeze, check_peft],
     "pretrain-mae": [*COMMON, check_mae, check_not_for_mae],

@@ -76,6 +76,8 @@ class DataConfig(Section):
     mean: tuple[float, ...] | None = None  # None: the backbone's pretrained config
     std: tuple[float, ...] | None = None
     on_corrupt: Literal["skip", "error"] = "skip"
+    # the same image (resolved path) listed twice or in two splits: refused, or kept once
+    allow_duplicates: bool = False
     # refuse images whose header declares more pixels (decompression bombs); null or 0: no limit
     max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=0)
     labelled: bool = True  # false: a folder of images without class sub-folders (MAE)

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -208,22 +209,29 @@ class PreemptionGuard(Callback):
     `--signal=SIGUSR1@90` warning) stop training at the end of the current step with a
     checkpoint of that step; the CLI then exits with 128 + the signal number.
 
-    While training runs, Lightning's own SIGTERM handler does the work: it stops the loops at
-    a step boundary on every rank and raises SIGTERMException, on which LatestCheckpoint saves.
-    This guard records which signal came, hands SIGUSR1 over to that handler, and outside
-    training (building, exporting) turns either signal into `Preempted` at once. Lightning's
-    SLURM auto-requeue handler is not used: it saves from inside the signal handler, possibly
-    between the parameter groups of an optimiser step, and does not stop the run.
+    While training runs, this guard's handler only notes the signal. At the end of each
+    training step (and of each validation) the processes agree whether any of them got one
+    (an all-reduce under DDP), and if so all set Lightning's stop flag at that same step:
+    Lightning stops its loops there on every rank and raises SIGTERMException, on which
+    LatestCheckpoint saves. Lightning's own SIGTERM handler is replaced for the training
+    phase: it runs a broadcast inside the signal handler and signals the other ranks itself,
+    so when a scheduler signals every process of the job at once the collectives pair up
+    wrongly and the run hangs. Validations are never cut short (Lightning stops a validation
+    half-way on its flag, and a resume does not run the rest of it). Outside training
+    (building, exporting) either signal becomes `Preempted` at once. DataLoader workers
+    ignore both signals (vittune/data/workers.py). Lightning's SLURM auto-requeue handler is
+    not used: it saves from inside the signal handler, possibly between the parameter groups
+    of an optimiser step, and does not stop the run.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.phase: str | None = "before training"  # None while Lightning's handler acts
+        self.phase: str | None = "before training"  # None while training
         self.stopped_in: str | None = None  # the phase in which this guard raised Preempted
-        self._lightning_handler: Any = None  # Lightning's SIGTERM handler, while validating
-        self._held = False
+        self._noted = 0  # the signal noted while training, not yet agreed on
+        self._deferred = False  # a stop agreed on just before a validation
 
     @contextmanager
     def installed(self) -> Iterator[PreemptionGuard]:
@@ -239,31 +247,44 @@ class PreemptionGuard(Callback):
         if self.phase is not None:
             self.stopped_in = self.phase
             raise Preempted(signum, f"stopped by {signal.Signals(signum).name} {self.phase}")
-        if signum != signal.SIGTERM:  # Lightning's handler (installed over ours) takes it
-            signal.raise_signal(signal.SIGTERM)
+        self._noted = self._noted or signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Over Lightning's handler, which Lightning's teardown replaces by this guard's again.
         self.phase = None
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
 
-    # Lightning stops a validation half-way on SIGTERM, and a resume does not run the rest of it
-    # (measured: that epoch's val/* never appear and the best checkpoint never sees them). So a
-    # stop signal during validation is held until the validation ends, then handed on.
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _agree(self, trainer: L.Trainer) -> None:
+        """Set Lightning's stop flag on every rank when any rank noted a signal."""
+        noted = self._noted
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([noted], device=trainer.strategy.root_device)  # [1]
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            noted = int(flag.item())
+        if noted:
+            self.signum = noted  # every rank names the same signal
+            # Lightning's own flag (Lightning 2.6); its loops raise SIGTERMException on it
+            # right after this hook, at the same step on every rank.
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.phase is None:
-            self._lightning_handler = signal.signal(signal.SIGTERM, self._hold)
-            self._held = False
+            self._agree(trainer)
 
-    def _hold(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = self.signum or signum
-        self._held = True
+    # Lightning stops a validation half-way on its flag, and a resume does not run the rest of
+    # it (measured: that epoch's val/* never appear and the best checkpoint never sees them).
+    # A stop agreed at the step before a validation therefore waits until the validation ends.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase is None and trainer.received_sigterm:
+            self._deferred = True
+            trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._lightning_handler is None:
-            return
-        signal.signal(signal.SIGTERM, self._lightning_handler)
-        self._lightning_handler = None
-        if self._held:
-            signal.raise_signal(signal.SIGTERM)
+        if self.phase is None and not trainer.sanity_checking:
+            if self._deferred:
+                trainer._signal_connector.received_sigterm = True
+            self._agree(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.phase = "after training"

@@ -39,6 +39,8 @@ from vittune.training.run_folder import (
     removed_on_user_error,
     wandb_run_id,
 )
+from vittune.training.run_lock import acquire, release
+from vittune.training.settings import check_machine, check_monitor, validation_metrics
 from vittune.training.tracking import summarize_run
 from vittune.training.trainer import build_trainer, monitor_of
 
@@ -50,6 +52,7 @@ class RunResult:
     best_score: float | None
     export_path: Path | None
     messages: list[str] = field(default_factory=list)
+    exported: str = "best"  # which weights the export holds: "best", or "last" (save_top_k 0)
     metrics: dict = field(default_factory=dict)  # what metrics.json holds
 
 
@@ -66,6 +69,7 @@ def fit(
     checkpoint of `<logging.run_dir>/<logging.name>` in that same folder (or starts fresh there).
     `callbacks` join the Trainer's (a sweep's pruning callback).
     """
+    check_machine(recipe)  # a GPU that is not there, an unusable cache folder: no folder yet
     resume = resolve_resume(recipe)
     guard = PreemptionGuard()
     with guard.installed():
@@ -75,13 +79,20 @@ def fit(
             Path(recipe_path).stem,
             reuse=recipe.trainer.resume_from == "auto",
         )
+        lock = None
         try:
+            lock = acquire(folder.path) if folder.owner else None  # one writer per run folder
             with removed_on_user_error(folder, lambda: held_checkpoints(folder.path)):
                 return _fit_into(folder, recipe, command, log, resume, guard, callbacks)
         except Preempted as stop:
             held = held_checkpoints(folder.path)
             if folder.created and held is None:
                 shutil.rmtree(folder.path, ignore_errors=True)  # stopped before any step
+            if guard.stopped_in == "after the export":
+                raise Preempted(
+                    stop.signum,
+                    f"{stop}; the run had finished: {folder.path} holds its export",
+                ) from None
             if guard.stopped_in == "after training":
                 raise Preempted(
                     stop.signum,
@@ -91,6 +102,7 @@ def fit(
                 ) from None
             raise
         finally:
+            release(lock)
             release_run_dir(folder)
 
 
@@ -129,6 +141,7 @@ def _fit_into(
         if folder.owner:
             carry_best(resume, run_dir / "checkpoints")
     monitor = monitor_of(recipe, assembly.task)
+    check_monitor(monitor[0], validation_metrics(assembly.task))
     start = resume.global_step if resume else 0
     wandb_id = wandb_run_id(folder) if recipe.logging.wandb else None
     trainer, checkpoint, wandb_message = build_trainer(
@@ -164,6 +177,8 @@ def _fit_into(
         guard.phase = "while stopping"
         signum = guard.signum or signal.SIGTERM
         name, last = signal.Signals(signum).name, run_dir / "checkpoints" / "last.ckpt"
+        if not trainer.is_global_zero:  # rank 0 says it, once
+            raise Preempted(signum, "") from None
         if not last.is_file():
             raise Preempted(signum, f"stopped by {name} before the first step") from None
         raise Preempted(
@@ -196,6 +211,8 @@ def _fit_into(
         result.export_path = export_best(
             assembly, recipe, command, best, run_dir, metrics=tests.get("test")
         )
+        guard.phase = "after the export"
+        result.exported = "best" if best else "last"
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
         report = None
         if tests:

@@ -13,14 +13,21 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from vittune.errors import RecipeError
+from vittune.files import is_write_failure, needed_for, storage_error
 from vittune.netprobe import PROBE_TIMEOUT_S, endpoint_reachable
 from vittune.recipe.schema import LoggingConfig
+from vittune.training.wandb_start import start_or_reason
 
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
 WANDB_HOST = urlparse(DEFAULT_WANDB_URL).hostname
 # wandb.init's own wait for its service (90 s by default); the probe has already found the
 # server answering, so this only bounds a server that stops answering in between.
-WANDB_INIT_TIMEOUT_S = 30
+WANDB_INIT_TIMEOUT_S = 10
+# At exit wandb waits for its uploads; beyond this the rest stays on disk for `wandb sync`.
+WANDB_FINISH_TIMEOUT_S = 5
+# The probe calls the API itself (a POST to its GraphQL endpoint), not only the front page:
+# a proxy can answer while the application behind it fails or hangs.
+WANDB_API_PROBE = b'{"query": "{ viewer { id } }"}'
 
 
 def wandb_base_url() -> str:
@@ -42,7 +49,8 @@ def wandb_key_available() -> bool:
 
 def host_reachable(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the W&B server (`WANDB_BASE_URL` by default) answers within `timeout` seconds."""
-    return endpoint_reachable(url or wandb_base_url(), timeout)
+    url = url or wandb_base_url()
+    return endpoint_reachable(f"{url}/graphql", timeout, body=WANDB_API_PROBE)
 
 
 def resolve_wandb_mode(cfg: LoggingConfig) -> tuple[str, str | None]:
@@ -81,7 +89,9 @@ def build_loggers(
 ) -> tuple[list[Logger], str | None]:
     """Loggers for the Trainer, and a message for the user about W&B (or None).
 
-    `wandb_id` (kept in the run folder) makes a resumed run continue the same W&B run.
+    `wandb_id` (kept in the run folder) makes a resumed run continue the same W&B run. An
+    online run is started here: a server that fails after the probe means offline logging
+    (`auto`) or a one-line error (explicit `online`) before training, never a traceback later.
     """
     loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="csv")]
     if not cfg.wandb:
@@ -89,6 +99,28 @@ def build_loggers(
     mode, reason = resolve_wandb_mode(cfg)
     if mode == "disabled":
         return loggers, None
+    wandb_logger = _wandb_logger(cfg, run_dir, run_name, mode, wandb_id)
+    if mode == "online" and (failure := start_or_reason(wandb_logger)):
+        where = f"the W&B server {wandb_base_url()} answered the probe but failed ({failure})"
+        if (os.environ.get("WANDB_MODE", "").strip().lower() or cfg.wandb_mode) != "auto":
+            raise RecipeError(
+                f"{where}; check the server, or use logging.wandb_mode: auto or offline"
+            )
+        mode, reason = "offline", where
+        wandb_logger = _wandb_logger(cfg, run_dir, run_name, mode, wandb_id)
+    loggers.append(wandb_logger)
+    if mode == "offline":
+        why = f" ({reason})" if reason else ""
+        return (
+            loggers,
+            f"W&B is logging offline{why}; sync later with: wandb sync {run_dir / 'wandb'}/offline-run-*",
+        )
+    return loggers, None
+
+
+def _wandb_logger(
+    cfg: LoggingConfig, run_dir: Path, run_name: str, mode: str, wandb_id: str | None
+) -> WandbLogger:
     import wandb  # noqa: PLC0415 (only runs that log to W&B pay for its import)
 
     from vittune.training.wandb_run import SectionedWandbLogger  # noqa: PLC0415
@@ -102,21 +134,18 @@ def build_loggers(
         save_dir=str(run_dir),
         mode=mode,
         # offline, vittune prints the one line that matters (where to sync from) itself
-        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=mode == "offline"),
+        settings=wandb.Settings(
+            init_timeout=WANDB_INIT_TIMEOUT_S,
+            finish_timeout=WANDB_FINISH_TIMEOUT_S,
+            silent=mode == "offline",
+        ),
         id=wandb_id,
         resume="allow" if wandb_id else None,
     )
     # Lightning passes `anonymous=None`, which wandb (>= 0.19) answers with a warning that the
     # setting has no effect, on every run; leaving the key out asks for the same thing.
     wandb_logger._wandb_init.pop("anonymous", None)
-    loggers.append(wandb_logger)
-    if mode == "offline":
-        why = f" ({reason})" if reason else ""
-        return (
-            loggers,
-            f"W&B is logging offline{why}; sync later with: wandb sync {run_dir / 'wandb'}/offline-run-*",
-        )
-    return loggers, None
+    return wandb_logger
 
 
 def summarize_run(loggers: list[Logger], values: dict[str, float | int]) -> None:
@@ -135,6 +164,15 @@ class AppendingWriter(ExperimentWriter):
     A run resumed into its own folder (`trainer.resume_from: auto`) keeps the rows of the steps
     before the interruption; the new rows are appended under the same (sorted) header.
     """
+
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as err:
+            if not is_write_failure(err):
+                raise
+            path = Path(self.metrics_file_path)
+            raise storage_error(path, needed_for(path, None), err) from None
 
     def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
         if os.path.isfile(self.metrics_file_path):

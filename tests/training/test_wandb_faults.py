@@ -1,0 +1,149 @@
+"""A W&B server that is half alive (a real HTTP server on 127.0.0.1 that answers the page but
+fails or hangs on the API, or answers the probe and then fails): the run logs offline with one
+line and never waits long, at start or at exit."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_class_images
+from helpers import run_cli_unset, tiny, write_recipe
+from lightning.pytorch.loggers import WandbLogger
+
+from vittune.errors import RecipeError
+from vittune.netprobe import PROBE_TIMEOUT_S
+from vittune.recipe.schema import LoggingConfig
+from vittune.training import tracking
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def half_alive(api: str, good_posts: int = 0) -> http.server.ThreadingHTTPServer:
+    """HEAD and GET answer 200; after `good_posts` good API answers, each POST gets a 500
+    (`api="fail"`) or no answer at all (`api="hang"`)."""
+    posts = [0]
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _ok(self, body: bytes = b"") -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+            self._ok()
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._ok(b"{}")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            posts[0] += 1
+            if posts[0] <= good_posts:
+                self._ok(b'{"data": {"viewer": null}}')
+            elif api == "fail":
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                stop.wait(120)  # hangs (until the test ends)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.stop_hanging = stop  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    servers = []
+
+    def start(api: str, good_posts: int = 0) -> str:
+        servers.append(half_alive(api, good_posts))
+        return f"http://127.0.0.1:{servers[-1].server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.stop_hanging.set()
+        server.shutdown()
+
+
+@pytest.fixture
+def keyed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+@pytest.mark.parametrize("api", ["fail", "hang"])
+def test_a_server_whose_api_fails_or_hangs_is_offline_within_the_probe_deadline(
+    keyed: None, serve, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    url = serve(api)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    started = time.monotonic()
+    mode, reason = tracking.resolve_wandb_mode(LoggingConfig())
+    assert time.monotonic() - started < PROBE_TIMEOUT_S + 1
+    assert mode == "offline" and url in reason
+    with pytest.raises(RecipeError, match="online but the W&B server"):
+        tracking.resolve_wandb_mode(LoggingConfig(wandb_mode="online"))
+
+
+def test_a_server_with_a_working_api_is_online(
+    keyed: None, serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_BASE_URL", serve("fail", good_posts=1))
+    assert tracking.resolve_wandb_mode(LoggingConfig()) == ("online", None)
+
+
+@pytest.mark.slow
+def test_a_server_that_fails_after_the_probe_falls_back_to_offline_before_training(
+    keyed: None, serve, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url = serve("fail", good_posts=1)  # the probe's POST is answered, wandb's are not
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    started = time.monotonic()
+    loggers, message = tracking.build_loggers(LoggingConfig(), tmp_path / "run", "r")
+    took = time.monotonic() - started
+    assert took < 60, took  # wandb retries its API for about 20-30 s (measured), then gives up
+    wandb_logger = loggers[-1]
+    assert isinstance(wandb_logger, WandbLogger)
+    assert "W&B is logging offline" in message and "answered the probe but failed" in message
+    assert url in message and "\n" not in message
+    wandb_logger.experiment.log({"x": 1.0})  # the offline run works
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    wandb_logger.experiment.finish()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["fail", "hang"])
+def test_cli_with_a_half_alive_server_finishes_offline_in_one_line_without_waiting(
+    tmp_path: Path, serve, api: str
+) -> None:
+    url = serve(api)
+    make_class_images(tmp_path / "data", {"a": 8, "b": 8}, size=32)
+    recipe = write_recipe(tmp_path / "r.yaml", {"data": {"root": str(tmp_path / "data")}})
+    overrides = tiny("trainer.max_epochs=1", "logging.name=net", "logging.wandb=true")
+    env = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": url, "HOME": str(tmp_path)}
+    started = time.monotonic()
+    result = run_cli_unset(
+        "finetune", str(recipe), *overrides, cwd=tmp_path, unset=("WANDB_MODE",), env=env
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    notices = [line for line in result.stdout.splitlines() if "W&B is logging offline" in line]
+    assert len(notices) == 1 and url in notices[0], result.stdout
+    assert "Traceback" not in result.stderr
+    assert list((tmp_path / "runs" / "net" / "wandb").glob("offline-run-*"))
+    print(f"{api}: {took:.1f} s")
