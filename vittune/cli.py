@@ -363,7 +363,6 @@ def serve(
     """Serve a trained run over HTTP (LitServe): POST /predict, GET /health, GET /info."""
 
     def action() -> None:
-        require_run_folder(run)
         from vittune.deploy.serve import serve_run
 
         serve_run(

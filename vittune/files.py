@@ -60,8 +60,11 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        if not _writer_alive(stale):  # another live process may be writing the same file
+            stale.unlink(missing_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        dir=folder, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     os.close(handle)
     temp = Path(temp_name)
     try:
@@ -76,6 +79,22 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644)
             raise storage_error(path, needed, err) from None
         raise
     _fsync(folder)
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that named this temp file (`.<name>.<pid>.<random>.tmp`) still runs
+    on this machine. Two processes writing one file (two sweep workers' reports) must not
+    delete each other's temp file mid-write; one killed mid-write leaves a dead pid."""
+    pid = temp.name[: -len(".tmp")].split(".")[-2]
+    if not pid.isdigit():  # an older temp name without a pid: a leftover
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -23,6 +23,9 @@ WANDB_HOST = urlparse(DEFAULT_WANDB_URL).hostname
 # wandb.init's own wait for its service (90 s by default); the probe has already found the
 # server answering, so this only bounds a server that stops answering in between.
 WANDB_INIT_TIMEOUT_S = 10
+# Offline, wandb.init only starts its local service (nothing on the network to wait for): on
+# a loaded machine that alone took over 10 s, and the run then logged nothing to W&B.
+WANDB_OFFLINE_INIT_TIMEOUT_S = 90
 # At exit wandb waits for its uploads; beyond this the rest stays on disk for `wandb sync`.
 WANDB_FINISH_TIMEOUT_S = 5
 # The probe calls the API itself (a POST to its GraphQL endpoint), not only the front page:
@@ -135,7 +138,7 @@ def _wandb_logger(
         mode=mode,
         # offline, vittune prints the one line that matters (where to sync from) itself
         settings=wandb.Settings(
-            init_timeout=WANDB_INIT_TIMEOUT_S,
+            init_timeout=WANDB_INIT_TIMEOUT_S if mode == "online" else WANDB_OFFLINE_INIT_TIMEOUT_S,
             finish_timeout=WANDB_FINISH_TIMEOUT_S,
             silent=mode == "offline",
         ),
