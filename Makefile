@@ -18,8 +18,9 @@ install-dev: $(BIN)/python
 demo: install
 	$(BIN)/vittune finetune recipes/quickstart.yaml
 
+# Two test processes: the CLI tests spend most of their time in one-thread subprocesses.
 test: install-dev
-	WANDB_MODE=offline $(BIN)/python -m pytest
+	WANDB_MODE=offline $(BIN)/python -m pytest -n 2
 
 lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
