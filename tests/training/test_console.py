@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import struct
 from importlib.metadata import version
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from conftest import make_class_images, run_cli
 from helpers import ONE_THREAD, RECIPES, column, read_metrics, tiny
 from PIL import Image
-from wandb.proto import wandb_internal_pb2
+from wandb_log import wandb_records
 
 from vittune.training.console import EpochLines, console_callbacks
 
@@ -39,27 +38,12 @@ NOISE = (
 
 
 def wandb_summary(run_dir: Path) -> dict:
-    """The summary an offline W&B run recorded, read from its `.wandb` transaction log.
-
-    wandb 0.31 writes no `files/wandb-summary.json` for offline runs; `wandb sync` reads this
-    log: leveldb-log blocks of 32 KiB after a 7-byte file header, each record a 7-byte header
-    (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and a protobuf.
-    """
-    (log,) = (run_dir / "wandb").glob("offline-run-*/*.wandb")
-    data, summary, pending, pos = log.read_bytes(), {}, b"", 7
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = struct.unpack_from("<HB", data, pos + 4)
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4) and pending:
-            record = wandb_internal_pb2.Record.FromString(pending)
-            for item in record.summary.update if record.HasField("summary") else []:
-                summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
-        if kind in (0, 1, 4):
-            pending = b""
+    """The summary an offline W&B run recorded, from its `.wandb` transaction log (wandb 0.31
+    writes no `files/wandb-summary.json` for offline runs)."""
+    summary = {}
+    for record in wandb_records(run_dir):
+        for item in record.summary.update if record.HasField("summary") else []:
+            summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
     return summary
 
 
