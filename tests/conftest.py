@@ -142,3 +142,12 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test (best weights): " in result.stdout and "test_last (last weights)" in result.stdout
     return root / "runs" / "run"
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wandb-core service that an in-process test started (its address in WANDB_SERVICE) must
+    not be inherited by the `vittune` subprocesses of later tests: they would log into that
+    process's service, which writes nothing into their own run folder. Under pytest-xdist the
+    order of tests in a worker differs from a serial run, so this showed up only there."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
