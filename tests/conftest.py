@@ -45,6 +45,7 @@ def run_cli(
     """Run the installed `vittune` console script in a subprocess, as a user would."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env.pop("VITTUNE_RUN_DIR", None)
+    full_env.pop("WANDB_SERVICE", None)  # see no_inherited_wandb_service below
     return subprocess.run(
         [VITTUNE, *args],
         cwd=cwd,
@@ -149,5 +150,6 @@ def no_inherited_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
     """A wandb-core service that an in-process test started (its address in WANDB_SERVICE) must
     not be inherited by the `vittune` subprocesses of later tests: they would log into that
     process's service, which writes nothing into their own run folder. Under pytest-xdist the
-    order of tests in a worker differs from a serial run, so this showed up only there."""
+    order of tests in a worker differs from a serial run, so this showed up only there.
+    Module- and session-scoped fixtures run before this one: `run_cli` drops it too."""
     monkeypatch.delenv("WANDB_SERVICE", raising=False)

@@ -42,7 +42,8 @@ def run_cli_unset(
 ) -> subprocess.CompletedProcess:
     """conftest's `run_cli` with variables removed from the environment (not just emptied:
     wandb refuses an empty WANDB_MODE), e.g. to act as a machine where W&B was never set up."""
-    full_env = {k: v for k, v in os.environ.items() if k not in unset and k != "VITTUNE_RUN_DIR"}
+    dropped = {*unset, "VITTUNE_RUN_DIR", "WANDB_SERVICE"}  # WANDB_SERVICE: see conftest
+    full_env = {k: v for k, v in os.environ.items() if k not in dropped}
     full_env.update({"PYTHONWARNINGS": "ignore", **(env or {})})
     return subprocess.run(
         [VITTUNE, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
