@@ -89,38 +89,37 @@ def test_the_disk_cache_is_reused_and_rebuilt_when_a_file_changes(
     assert decoded == [p.path for p in third.found.splits["val"]]  # only val is decoded again
 
 
-def test_a_truncated_cache_file_is_detected_and_rebuilt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _zero_pixel_bytes(path: Path) -> None:
+    """A run of pixel bytes zeroed in place; the index and the footer stay intact."""
+    with path.open("r+b") as handle:
+        handle.seek(100)
+        handle.write(bytes(500))
+
+
+@pytest.mark.parametrize(
+    ("damage", "warning"),
+    [
+        (_truncate, "incomplete or damaged; rebuilding it"),
+        (_zero_pixel_bytes, "an image's checksum did not match"),
+    ],
+    ids=["truncated", "zeroed-pixels"],
+)
+def test_a_damaged_cache_file_is_detected_and_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage, warning: str
 ) -> None:
     root = folder(tmp_path / "d")
     first = module(root, "disk", tmp_path)
     first.setup("fit")
     expected = epochs(first)
     for damaged in (tmp_path / "decoded").glob("*.vtcache"):
-        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+        damage(damaged)
     decoded = count_decodes(monkeypatch)
     again = module(root, "disk", tmp_path)
-    with pytest.warns(UserWarning, match="incomplete or damaged; rebuilding it"):
-        again.setup("fit")
-    assert len(decoded) == 15
-    for got, want in zip(epochs(again), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_zeroed_pixel_bytes_with_index_and_footer_intact_are_detected_and_rebuilt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = folder(tmp_path / "d")
-    first = module(root, "disk", tmp_path)
-    first.setup("fit")
-    expected = epochs(first)
-    for damaged in (tmp_path / "decoded").glob("*.vtcache"):
-        with damaged.open("r+b") as handle:  # a run of pixel bytes zeroed in place
-            handle.seek(100)
-            handle.write(bytes(500))
-    decoded = count_decodes(monkeypatch)
-    again = module(root, "disk", tmp_path)
-    with pytest.warns(UserWarning, match="an image's checksum did not match"):
+    with pytest.warns(UserWarning, match=warning):
         again.setup("fit")
     assert len(decoded) == 15  # decoded again, not trusted
     for got, want in zip(epochs(again), expected, strict=True):
