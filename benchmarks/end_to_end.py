@@ -1,8 +1,8 @@
 """Wall time of `vittune finetune` against a plain timm + torch loop, on the same JPEG folder.
 
-The requirement: a `vittune finetune` run, decoding, validation and checkpoints included, takes
-at most 1.2x the wall time of a hand-written timm loop (`plain_timm_loop.py`) on the same data,
-epochs and model. Both sides run as subprocesses, timed from process start to exit, so Python
+The goal: a `vittune finetune` run, decoding, validation and checkpoints included, takes at
+most 1.05x the wall time of a hand-written timm loop (`plain_timm_loop.py`) on the same data,
+epochs and model, and prints its first line (the run folder) within 4 s. Both sides run as subprocesses, timed from process start to exit, so Python
 and library imports count; the imports alone are timed apart as well.
 
 The data is generated here from a seed: per class a colour-tinted grating at a class-dependent
@@ -48,7 +48,7 @@ SECTION = "## End to end: `vittune finetune` vs a plain timm loop"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MEAN = STD = (0.5, 0.5, 0.5)
-TARGET = 1.2  # the requirement: vittune's wall time at most 1.2x the plain loop's
+TARGET = 1.05  # the goal (issue 17): vittune's wall time at most 1.05x the plain loop's
 NOISE = (
     "On a machine shared with other jobs, wall time mostly measures those jobs, and CPU time is"
     " disturbed too (torch's OpenMP threads spin while a sibling thread waits for a core):"
@@ -76,7 +76,9 @@ from vittune.recipe.load import load_recipe
 recipe = load_recipe(sys.argv[1], [], command="finetune")
 mark("load + check the recipe (imports timm, torch)")
 import vittune.training.run
-mark("import vittune.training.run (Lightning, torchmetrics)")
+mark("import vittune.training.run (run folder, lock; the first line is printed here)")
+import vittune.training.session
+mark("import vittune.training.session (Lightning, torchmetrics)")
 from vittune.data.datamodule import scan_sources
 found = scan_sources(recipe.data)
 mark("scan the folder, check image headers")
@@ -252,7 +254,8 @@ def run_plain(setup: Setup, work: Path, name: str, env: dict[str, str]) -> tuple
 
 
 # Lines that mark the end of start-up (data, model and Trainer built) and of the last epoch.
-MARKS = {"vittune": ("vittune finetune: run folder", "epoch "), "plain": ("ready", "epoch ")}
+MARKS = {"vittune": ("  data: ", "epoch "), "plain": ("ready", "epoch ")}
+FIRST_LINE = "vittune finetune: run folder"  # vittune's first line, before Lightning is imported
 SIDES = {"vittune": run_vittune, "plain": run_plain}
 
 
@@ -308,14 +311,18 @@ def tables(results: dict[str, list[tuple[Run, float]]], imports: dict[str, list[
     split = [
         "Where the wall time goes (medians, seconds):",
         "",
-        "| side | start-up (to data + model + Trainer ready) | epochs (train, validation, checkpoints) "
-        "| finish (after the last epoch: export, exit) |",
-        "|---|---:|---:|---:|",
+        "| side | first line (vittune: the run folder) | start-up (to data + model + Trainer"
+        " ready) | epochs (train, validation, checkpoints) | finish (after the last epoch: export,"
+        " exit) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for side, runs in (("plain timm loop", plain), ("`vittune finetune`", ours)):
         parts = [phases(r, "vittune" if runs is ours else "plain") for r in runs]
+        first = f"{med([r.at(FIRST_LINE) for r in runs]):.1f}" if runs is ours else ""
         split.append(
-            f"| {side} | " + " | ".join(f"{med(p):.1f}" for p in zip(*parts, strict=True)) + " |"
+            f"| {side} | {first} | "
+            + " | ".join(f"{med(p):.1f}" for p in zip(*parts, strict=True))
+            + " |"
         )
 
     importing = [

@@ -55,6 +55,29 @@ def test_valid_settings_pass(recipe_file: Path) -> None:
         load_recipe(recipe_file, [override, "trainer.strategy=ddp"], command="finetune")
 
 
+def test_the_names_checked_without_lightning_are_lightnings_own() -> None:
+    """The usual precision and strategy names pass without importing Lightning (start-up);
+    they must be names Lightning accepts, and the rarer ones are still asked of Lightning."""
+    from lightning.pytorch.strategies import StrategyRegistry  # noqa: PLC0415
+
+    from vittune.recipe import trainer_settings  # noqa: PLC0415
+
+    assert set(trainer_settings.COMMON_PRECISIONS) <= set(trainer_settings._precisions())
+    strategies = {"auto", *StrategyRegistry.available_strategies()}
+    assert set(trainer_settings.COMMON_STRATEGIES) <= strategies
+
+
+def test_rarer_lightning_settings_pass_through_lightnings_lists(recipe_file: Path) -> None:
+    load_recipe(
+        recipe_file,
+        [
+            "trainer.precision=transformer-engine",
+            "trainer.strategy=ddp_find_unused_parameters_true",
+        ],
+        command="finetune",
+    )
+
+
 def test_a_cache_dir_through_a_file_or_read_only_is_refused(
     recipe_file: Path, tmp_path: Path
 ) -> None:

@@ -15,6 +15,11 @@ from vittune.recipe.schema import Recipe
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # Lightning's short precision names ("16", "bf16", "32", "64") are still accepted by it.
 PRECISION_ALIASES = ("16", "bf16", "32", "64")
+# Names every Lightning 2.x accepts, so that the usual recipe is checked without importing
+# Lightning (2 s on a CPU machine, before the run folder is named). Any other value is asked
+# of Lightning's own lists; tests/recipe/test_trainer_settings.py keeps these in them.
+COMMON_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+COMMON_STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "single_device")
 
 
 def _precisions() -> tuple[str, ...]:
@@ -56,14 +61,15 @@ def check_trainer_settings(recipe: Recipe) -> None:
     """Trainer and loader values Lightning or the loaders would only refuse (or silently
     replace) later."""
     t = recipe.trainer
-    if t.precision is not None and t.precision not in _precisions():
+    known = (*COMMON_PRECISIONS, *PRECISION_ALIASES)
+    if t.precision is not None and t.precision not in known and t.precision not in _precisions():
         choices = ", ".join(p for p in _precisions() if p not in PRECISION_ALIASES)
         raise RecipeError(f"trainer.precision {t.precision!r} is not one of {choices}")
     if t.accelerator not in ACCELERATORS:
         raise RecipeError(
             f"trainer.accelerator {t.accelerator!r} is not one of {', '.join(ACCELERATORS)}"
         )
-    if t.strategy not in _strategies():
+    if t.strategy not in COMMON_STRATEGIES and t.strategy not in _strategies():
         raise RecipeError(
             f"trainer.strategy {t.strategy!r} is not a Lightning strategy; use auto, ddp,"
             " ddp_spawn, fsdp, deepspeed or another name Lightning registers"

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -20,9 +16,10 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vittune.errors import Preempted
+from vittune.errors import RecipeError
 from vittune.files import atomic_write
 from vittune.training.resume import LAST, ResumePoint
+from vittune.training.stop_signals import StopSignals
 from vittune.training.tracking import summarize_run
 
 
@@ -209,8 +206,8 @@ class PreemptionGuard(Callback):
     `--signal=SIGUSR1@90` warning) stop training at the end of the current step with a
     checkpoint of that step; the CLI then exits with 128 + the signal number.
 
-    While training runs, this guard's handler only notes the signal. At the end of each
-    training step (and of each validation) the processes agree whether any of them got one
+    While training runs, the run's StopSignals handler only notes the signal. At the end of
+    each training step (and of each validation) the processes agree whether any of them got one
     (an all-reduce under DDP), and if so all set Lightning's stop flag at that same step:
     Lightning stops its loops there on every rank and raises SIGTERMException, on which
     LatestCheckpoint saves. Lightning's own SIGTERM handler is replaced for the training
@@ -224,67 +221,62 @@ class PreemptionGuard(Callback):
     of an optimiser step, and does not stop the run.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.phase: str | None = "before training"  # None while training
-        self.stopped_in: str | None = None  # the phase in which this guard raised Preempted
-        self._noted = 0  # the signal noted while training, not yet agreed on
+    def __init__(self, signals: StopSignals) -> None:
+        self.signals = signals
         self._deferred = False  # a stop agreed on just before a validation
 
-    @contextmanager
-    def installed(self) -> Iterator[PreemptionGuard]:
-        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        try:
-            yield self
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = self.signum or signum
-        if self.phase is not None:
-            self.stopped_in = self.phase
-            raise Preempted(signum, f"stopped by {signal.Signals(signum).name} {self.phase}")
-        self._noted = self._noted or signum
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Over Lightning's handler, which Lightning's teardown replaces by this guard's again.
-        self.phase = None
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handle)
+        # Over Lightning's handler, which Lightning's teardown replaces by the run's again.
+        self.signals.phase = None
+        self.signals.reinstall()
 
     def _agree(self, trainer: L.Trainer) -> None:
         """Set Lightning's stop flag on every rank when any rank noted a signal."""
-        noted = self._noted
+        noted = self.signals.noted
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             flag = torch.tensor([noted], device=trainer.strategy.root_device)  # [1]
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             noted = int(flag.item())
         if noted:
-            self.signum = noted  # every rank names the same signal
+            self.signals.signum = noted  # every rank names the same signal
             # Lightning's own flag (Lightning 2.6); its loops raise SIGTERMException on it
             # right after this hook, at the same step on every rank.
             trainer._signal_connector.received_sigterm = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.phase is None:
+        if self.signals.phase is None:
             self._agree(trainer)
 
     # Lightning stops a validation half-way on its flag, and a resume does not run the rest of
     # it (measured: that epoch's val/* never appear and the best checkpoint never sees them).
     # A stop agreed at the step before a validation therefore waits until the validation ends.
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.phase is None and trainer.received_sigterm:
+        if self.signals.phase is None and trainer.received_sigterm:
             self._deferred = True
             trainer._signal_connector.received_sigterm = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.phase is None and not trainer.sanity_checking:
+        if self.signals.phase is None and not trainer.sanity_checking:
             if self._deferred:
                 trainer._signal_connector.received_sigterm = True
             self._agree(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.phase = "after training"
+        self.signals.phase = "after training"
+
+
+class OptimizerCheck(Callback):
+    """Refuse, before any step, an optimiser state that does not fit the optimiser built now
+    (torch would load it silently into the wrong parameters, or fail deep in `step`)."""
+
+    def __init__(self, point: ResumePoint) -> None:
+        self.point = point
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        built = [[len(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        if built != self.point.optimizer_groups:
+            raise RecipeError(
+                f"trainer.resume_from {self.point.path} holds optimiser state for parameter groups"
+                f" of sizes {self.point.optimizer_groups}, but this run builds {built};"
+                " resume with the recipe that wrote it (freeze and optim settings included)"
+            )

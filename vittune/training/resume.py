@@ -10,15 +10,16 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from pydantic import ValidationError
 
 from vittune.errors import RecipeError
 from vittune.recipe.schema import Recipe
+
+if TYPE_CHECKING:  # Lightning is imported once the run folder exists (training/run.py)
+    import lightning as L
 
 LAST = "last.ckpt"
 
@@ -193,20 +194,3 @@ def check_model_fits(point: ResumePoint, task: L.LightningModule) -> None:
             f"trainer.resume_from {point.path} holds another model than this recipe builds"
             f" ({'; '.join(problems[:3])}); resume with the recipe and data that wrote it"
         )
-
-
-class OptimizerCheck(Callback):
-    """Refuse, before any step, an optimiser state that does not fit the optimiser built now
-    (torch would load it silently into the wrong parameters, or fail deep in `step`)."""
-
-    def __init__(self, point: ResumePoint) -> None:
-        self.point = point
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        built = [[len(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers]
-        if built != self.point.optimizer_groups:
-            raise RecipeError(
-                f"trainer.resume_from {self.point.path} holds optimiser state for parameter groups"
-                f" of sizes {self.point.optimizer_groups}, but this run builds {built};"
-                " resume with the recipe that wrote it (freeze and optim settings included)"
-            )

@@ -1,59 +1,38 @@
-"""A training run from a checked recipe: folder, resume, assembly, Trainer, fit, export.
+"""A training run from a checked recipe: the resume point, the run folder and its lock, and
+clear endings for stops and mistakes; training itself is in session.py.
 
-Data flows one way: recipe -> assembly (data, models, optim, task) -> Trainer -> export. The
-pieces live in assembly.py, trainer.py, run_folder.py, resume.py, checkpointing.py and
-export.py; this module puts them in order and turns stops and mistakes into clear endings.
-Nothing here knows about the command line.
+Data flows one way: recipe -> run folder -> assembly (data, models, optim, task) -> Trainer
+-> export. This module does what needs neither Lightning nor the data: it checks the resume
+point, makes the folder and says where it is (within seconds of the command), and only then
+imports session.py, which builds and trains. Nothing here knows about the command line.
 """
 
 from __future__ import annotations
 
 import shutil
-import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from vittune.data.groups import write_splits
-from vittune.deploy.timm_folder import export_best
 from vittune.errors import Preempted, RecipeError
 from vittune.files import atomic_write
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
-from vittune.tasks.assembly import build
-from vittune.tasks.callbacks import GradualUnfreeze
-from vittune.training.checkpointing import (
-    PreemptionGuard,
-    carry_best,
-)
-from vittune.training.results import test_weights, write_metrics_json
-from vittune.training.resume import OptimizerCheck, ResumePoint, check_model_fits, resolve_resume
+from vittune.training.resume import ResumePoint, resolve_resume
 from vittune.training.run_folder import (
     RunFolder,
     prepare_run_dir,
     release_run_dir,
     removed_on_user_error,
-    wandb_run_id,
 )
 from vittune.training.run_lock import acquire, release
-from vittune.training.settings import check_machine, check_monitor, validation_metrics
-from vittune.training.tracking import summarize_run
-from vittune.training.trainer import build_trainer, monitor_of
+from vittune.training.settings import check_machine
+from vittune.training.stop_signals import StopSignals
 
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import Callback
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    monitor: str
-    best_score: float | None
-    export_path: Path | None
-    messages: list[str] = field(default_factory=list)
-    exported: str = "best"  # which weights the export holds: "best", or "last" (save_top_k 0)
-    metrics: dict = field(default_factory=dict)  # what metrics.json holds
+    from vittune.training.session import RunResult
 
 
 def fit(
@@ -71,8 +50,8 @@ def fit(
     """
     check_machine(recipe)  # a GPU that is not there, an unusable cache folder: no folder yet
     resume = resolve_resume(recipe)
-    guard = PreemptionGuard()
-    with guard.installed():
+    signals = StopSignals()
+    with signals.installed():
         folder = prepare_run_dir(
             recipe.logging.name,
             recipe.logging.run_dir,
@@ -83,17 +62,22 @@ def fit(
         try:
             lock = acquire(folder.path) if folder.owner else None  # one writer per run folder
             with removed_on_user_error(folder, lambda: held_checkpoints(folder.path)):
-                return _fit_into(folder, recipe, command, log, resume, guard, callbacks)
+                start_in(folder, recipe, command, log, resume)
+                # Lightning, the data scan and the model build come after the line above: a
+                # user learns where the run is at once (the imports alone take seconds).
+                from vittune.training.session import train_in_folder  # noqa: PLC0415
+
+                return train_in_folder(folder, recipe, command, log, resume, signals, callbacks)
         except Preempted as stop:
             held = held_checkpoints(folder.path)
             if folder.created and held is None:
                 shutil.rmtree(folder.path, ignore_errors=True)  # stopped before any step
-            if guard.stopped_in == "after the export":
+            if signals.stopped_in == "after the export":
                 raise Preempted(
                     stop.signum,
                     f"{stop}; the run had finished: {folder.path} holds its export",
                 ) from None
-            if guard.stopped_in == "after training":
+            if signals.stopped_in == "after training":
                 raise Preempted(
                     stop.signum,
                     f"{stop}, before the export; {folder.path / 'checkpoints' / 'last.ckpt'}"
@@ -112,153 +96,25 @@ def held_checkpoints(run_dir: Path) -> str | None:
     return f"checkpoints/{', '.join(names)}" if names else None
 
 
-def _fit_into(
+def start_in(
     folder: RunFolder,
     recipe: Recipe,
     command: Command,
     log: Callable[[str], None],
     resume: ResumePoint | None,
-    guard: PreemptionGuard,
-    callbacks: Sequence[Callback] = (),
-) -> RunResult:
-    run_dir = folder.path
-    if folder.owner:
-        try:  # a resumed run records the recipe it continues with (only resumable keys differ)
-            atomic_write(run_dir / "recipe.yaml", lambda p: p.write_text(dump_recipe(recipe)))
-        except OSError as err:
-            raise RecipeError(
-                f"cannot write to run folder {run_dir}: {err.strerror}; point logging.run_dir at a writable folder"
-            ) from None
-    L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
-    assembly = build(recipe, command, run_dir)
-    extra = [*assembly.callbacks, *callbacks, guard]
-    if resume is not None:
-        check_model_fits(resume, assembly.task)
-        for callback in assembly.callbacks:
-            if isinstance(callback, GradualUnfreeze):
-                callback.resumed_epoch = resume.epoch
-        extra.append(OptimizerCheck(resume))
-        if folder.owner:
-            carry_best(resume, run_dir / "checkpoints")
-    monitor = monitor_of(recipe, assembly.task)
-    check_monitor(monitor[0], validation_metrics(assembly.task))
-    start = resume.global_step if resume else 0
-    wandb_id = wandb_run_id(folder) if recipe.logging.wandb else None
-    trainer, checkpoint, wandb_message = build_trainer(
-        recipe, run_dir, monitor, extra, start, wandb_id
-    )
-    if trainer.is_global_zero:
-        log(f"vittune {command}: run folder {run_dir}")
-        if resume is not None:
-            log(
-                f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch});"
-                " weights, optimiser and schedule from it"
-            )
-        if resume is None:  # a resumed run's weights are the checkpoint's, said above
-            log(
-                f"  weights: {assembly.report.source}"
-                + "".join(f"\n  {n}" for n in assembly.report.notes)
-            )
-        sizes = {s: len(v) for s, v in assembly.datamodule.found.splits.items()}
-        kind = "unlabelled" if command == "pretrain-mae" else f"{len(assembly.classes)} classes"
-        log(f"  data: {kind}, images per split {sizes}")
-        found = assembly.datamodule.found  # the split, auditable and reusable (data.splits_from)
-        atomic_write(run_dir / "splits.csv", lambda p: write_splits(p, found))
-        if wandb_message:
-            log(f"  {wandb_message}")
-    try:
-        trainer.fit(
-            assembly.task,
-            datamodule=assembly.datamodule,
-            ckpt_path=resume.path if resume else None,
-            weights_only=True,  # checkpoints hold tensors and plain data only
-        )
-    except SIGTERMException:
-        guard.phase = "while stopping"
-        signum = guard.signum or signal.SIGTERM
-        name, last = signal.Signals(signum).name, run_dir / "checkpoints" / "last.ckpt"
-        if not trainer.is_global_zero:  # rank 0 says it, once
-            raise Preempted(signum, "") from None
-        if not last.is_file():
-            raise Preempted(signum, f"stopped by {name} before the first step") from None
-        raise Preempted(
-            signum,
-            f"stopped by {name} at step {trainer.global_step}; {last} holds that step;"
-            f" continue in this folder with trainer.resume_from=auto logging.name={run_dir.name}",
-        ) from None
-    except BaseException:
-        guard.phase = "while stopping"  # Lightning's handler is gone: a signal stops at once
-        raise
-    guard.phase = "after training"
-    # the lr the last epoch line printed (the largest group's), before testing touches anything
-    final_lr = (
-        max((g["lr"] for g in trainer.optimizers[0].param_groups), default=None)
-        if trainer.optimizers
-        else None
-    )
-    if trainer.is_global_zero and (corrupt := assembly.datamodule.corrupt_report()):
-        log(corrupt)
-    result = RunResult(run_dir, monitor[0], None, None, [m for m in [wandb_message] if m])
-    score = checkpoint.best_model_score
-    result.best_score = float(score) if score is not None else None
-    best, last = checkpoint.best_model_path, run_dir / "checkpoints" / "last.ckpt"
-    tests = {}
-    if "test" in assembly.datamodule.found.splits and command != "pretrain-mae":
-        chosen = {"test_last": last} if recipe.checkpoint.test_last and last.is_file() else {}
-        chosen["test"] = Path(best) if best else last  # the exported weights
-        tests = test_weights(trainer, assembly, chosen)
-    if trainer.is_global_zero:
-        result.export_path = export_best(
-            assembly, recipe, command, best, run_dir, metrics=tests.get("test")
-        )
-        guard.phase = "after the export"
-        result.exported = "best" if best else "last"
-        result.metrics = write_metrics_json(run_dir, checkpoint, tests)
-        report = None
-        if tests:
-            report = log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
-        send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr, report)
-    return result
-
-
-def send_to_wandb(
-    trainer: L.Trainer,
-    run_dir: Path,
-    export: Path,
-    best: bool,
-    final_lr: float | None,
-    report: Path | None,
 ) -> None:
-    """The test report and the model artifact; the summary's epoch is the last one trained
-    (Lightning's test logging leaves it one past) and its `lr` the one the console printed."""
-    from vittune.training.wandb_run import log_model_artifact, log_test_report  # noqa: PLC0415
-
-    if report is not None:  # eval/test, or eval/test-2... in a resumed run's folder
-        log_test_report(trainer.loggers, report)
-    log_model_artifact(trainer.loggers, run_dir, export, best)
-    last = {"epoch": trainer.fit_loop.epoch_progress.current.started - 1}
-    summarize_run(trainer.loggers, last | ({"lr": final_lr} if final_lr is not None else {}))
-
-
-def log_tests(
-    run_dir: Path,
-    tests: dict[str, dict[str, float]],
-    log: Callable[[str], None],
-    exported: str = "best",
-) -> Path:
-    """Print the test numbers, and save the full test report (per class, confusion matrix,
-    calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
-    from vittune.inference.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
-
-    for name, values in tests.items():
-        weights = "last" if name == "test_last" else exported
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
-        log(f"  {name} ({weights} weights): {shown}")
-    report = evaluate_run(run_dir, [], split="test", name="test")
-    low, high = report.clinical.get("auroc_macro_ci95", (None, None))
-    if low is not None:
+    """Record the recipe in the folder and say where the run is (rank 0 only)."""
+    if not folder.owner:
+        return
+    try:  # a resumed run records the recipe it continues with (only resumable keys differ)
+        atomic_write(folder.path / "recipe.yaml", lambda p: p.write_text(dump_recipe(recipe)))
+    except OSError as err:
+        raise RecipeError(
+            f"cannot write to run folder {folder.path}: {err.strerror}; point logging.run_dir at a writable folder"
+        ) from None
+    log(f"vittune {command}: run folder {folder.path}")
+    if resume is not None:
         log(
-            f"  test AUROC macro {report.clinical['auroc_macro']:.4f}, 95% CI [{low:.4f}, {high:.4f}]"
+            f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch});"
+            " weights, optimiser and schedule from it"
         )
-    log(f"  test report: {report.folder}")
-    return report.folder

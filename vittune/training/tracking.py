@@ -110,6 +110,7 @@ def build_loggers(
                 f"{where}; check the server, or use logging.wandb_mode: auto or offline"
             )
         mode, reason = "offline", where
+        forget_failed_start()
         wandb_logger = _wandb_logger(cfg, run_dir, run_name, mode, wandb_id)
     loggers.append(wandb_logger)
     if mode == "offline":
@@ -124,6 +125,8 @@ def build_loggers(
 def _wandb_logger(
     cfg: LoggingConfig, run_dir: Path, run_name: str, mode: str, wandb_id: str | None
 ) -> WandbLogger:
+    if mode == "offline":
+        keep_offline_runs_off_the_network()
     import wandb  # noqa: PLC0415 (only runs that log to W&B pay for its import)
 
     from vittune.training.wandb_run import SectionedWandbLogger  # noqa: PLC0415
@@ -149,6 +152,47 @@ def _wandb_logger(
     # setting has no effect, on every run; leaving the key out asks for the same thing.
     wandb_logger._wandb_init.pop("anonymous", None)
     return wandb_logger
+
+
+def forget_failed_start() -> None:
+    """End what the failed online start left running, before the offline run starts.
+
+    - The wandb service keeps that run's id registered (and keeps retrying the server), so the
+      offline run with the same id (the run folder's, kept for resumes) was refused with "run
+      ID ... is in use": `wandb.teardown()` ends it, and the offline run starts a fresh one.
+    - The failed start reported its error through wandb's usage telemetry, whose exporter then
+      held the interpreter's exit on the broken server (its first export asks the server
+      whether it takes telemetry, with a 10 s timeout, then flushes; measured 21 s at exit).
+      wandb has no public switch for telemetry proxies already built (the process's and the
+      failed run's own), so `disable()` stops new ones and each built one is given the answer
+      its own check gives for a server without the endpoint: nothing is sent.
+      tests/training/test_wandb_faults.py fails if a wandb release moves these names.
+    """
+    import gc  # noqa: PLC0415
+
+    import wandb  # noqa: PLC0415
+
+    wandb.teardown()
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy as otel  # noqa: PLC0415
+    except ImportError:  # a wandb without this telemetry
+        return
+    otel.disable()
+    for proxy in [o for o in gc.get_objects() if isinstance(o, otel.OpenTelemetryProxy)]:
+        if hasattr(proxy, "_server_supports_proxy"):
+            proxy._server_supports_proxy = False
+
+
+def keep_offline_runs_off_the_network() -> None:
+    """Turn off the wandb SDK's usage telemetry for an offline run (unless the user set it).
+
+    wandb (0.31) posts usage metrics to `<WANDB_BASE_URL>/sdk/otel/v1/metrics` at interpreter
+    exit whatever the run's mode, with a 10 s request timeout: a W&B server that hangs (the
+    reason a run falls back to offline) held every offline run's exit for 10 s and more.
+    `WANDB_ERROR_REPORTING=false` is wandb's documented switch for this reporting; the process
+    was already logging offline, so nothing the user asked for is lost.
+    """
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 
 def summarize_run(loggers: list[Logger], values: dict[str, float | int]) -> None:
