@@ -143,7 +143,9 @@ def test_medical_recipe_trains_on_dicom_by_patient(tmp_path: Path) -> None:
     )
     threshold = json.loads((run / "operating_point.json").read_text())["thresholds"]["finding"]
     assert (run / "eval" / "test" / "metrics.json").is_file()  # the end-of-training report
-    assert "auroc_macro_ci95" in json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    report_ci = json.loads((run / "eval" / "test" / "metrics.json").read_text())["auroc_macro_ci95"]
+    # the run's own metrics.json carries the same interval beside the test numbers
+    assert json.loads((run / "metrics.json").read_text())["test"]["auroc_macro_ci95"] == report_ci
 
     out = tmp_path / "predictions.csv"
     predicted = run_cli(

@@ -44,9 +44,13 @@ def _finite(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def write_metrics_json(
-    run_dir: Path, checkpoint: BestCheckpoint, tests: dict[str, dict[str, float]]
+    run_dir: Path,
+    checkpoint: BestCheckpoint,
+    tests: dict[str, dict[str, float]],
+    test_auroc_ci95: list[float] | None = None,
 ) -> dict:
-    """Write and return `metrics.json`: the best epoch's validation numbers and the tests.
+    """Write and return `metrics.json`: the best epoch's validation numbers and the tests
+    (with the test report's bootstrap 95 % interval of the macro AUROC, once it exists).
 
     The best epoch and its `val/*` values are the ones the best-checkpoint callback recorded
     when it saved (kept across resumes, also into a new folder whose CSV log lacks them).
@@ -62,5 +66,7 @@ def write_metrics_json(
         "best_val": _finite(checkpoint.best_metrics),
         **{name: _finite(values) for name, values in tests.items()},
     }
+    if test_auroc_ci95 is not None and "test" in document:
+        document["test"]["auroc_macro_ci95"] = test_auroc_ci95
     (run_dir / "metrics.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     return document

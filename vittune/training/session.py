@@ -137,7 +137,11 @@ def train_in_folder(
         result.metrics = write_metrics_json(run_dir, checkpoint, tests)
         report = None
         if tests:
-            report = log_tests(run_dir, tests, log, "best" if best else "last; no best checkpoint")
+            report, ci95 = log_tests(
+                run_dir, tests, log, "best" if best else "last; no best checkpoint"
+            )
+            if ci95 is not None:  # the run's summary carries the test AUROC's interval too
+                result.metrics = write_metrics_json(run_dir, checkpoint, tests, ci95)
         send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr, report)
     return result
 
@@ -166,9 +170,10 @@ def log_tests(
     tests: dict[str, dict[str, float]],
     log: Callable[[str], None],
     exported: str = "best",
-) -> Path:
+) -> tuple[Path, list[float] | None]:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
-    calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does."""
+    calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does.
+    Returns the report's folder and the test AUROC's 95 % interval (None when undefined)."""
     from vittune.inference.evaluate import evaluate_run  # noqa: PLC0415 (matplotlib only when testing)
 
     for name, values in tests.items():
@@ -182,4 +187,4 @@ def log_tests(
             f"  test AUROC macro {report.clinical['auroc_macro']:.4f}, 95% CI [{low:.4f}, {high:.4f}]"
         )
     log(f"  test report: {report.folder}")
-    return report.folder
+    return report.folder, ([low, high] if low is not None else None)
