@@ -176,5 +176,6 @@ def test_cli_with_a_half_alive_server_logs_offline_in_one_line_and_exits_at_once
     assert len(notices) == 1 and url in notices[0], stdout
     assert ("answered the probe but failed" in notices[0]) == (good_posts > 0)
     assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
-    assert exit_wait < 5, exit_wait
+    # 1.5 s measured on a quiet machine; the telemetry wait it guards against was 10-21 s
+    assert exit_wait < 8, exit_wait
     assert list((tmp_path / "runs" / "net" / "wandb").glob("offline-run-*"))
