@@ -3,22 +3,19 @@ can be signalled or killed mid-run, and what its checkpoints hold."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from conftest import VITTUNE
+from conftest import VITTUNE, subprocess_env
 from helpers import ONE_THREAD
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **ONE_THREAD}
-    env.pop("VITTUNE_RUN_DIR", None)
-    env.pop("VITTUNE_RUN_DIR_PARENT", None)
-    return {**env, **extra}
+    """conftest's `subprocess_env` with one torch thread, then `extra`."""
+    return subprocess_env(**{**ONE_THREAD, **extra})
 
 
 def start_cli(*args: str, cwd: Path, log: Path, env: dict[str, str] | None = None):

@@ -39,17 +39,26 @@ TINY_OVERRIDES = [
 VITTUNE = shutil.which("vittune", path=str(Path(sys.executable).parent)) or "vittune"
 
 
+def subprocess_env(*, unset: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The environment of a `vittune` subprocess: this one's, with W&B offline and warnings
+    off, less what this pytest process set for its own in-process runs: the run folder it
+    shares with DDP children (VITTUNE_RUN_DIR and its parent's pid) and its wandb-core service
+    (WANDB_SERVICE, see no_inherited_wandb_service below). `unset` removes more variables
+    (removed, not emptied: wandb refuses an empty WANDB_MODE); `extra` is set last."""
+    dropped = {"VITTUNE_RUN_DIR", "VITTUNE_RUN_DIR_PARENT", "WANDB_SERVICE", *unset}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    defaults = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return {**env, **{k: v for k, v in defaults.items() if k not in unset}, **extra}
+
+
 def run_cli(
     *args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run the installed `vittune` console script in a subprocess, as a user would."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
-    full_env.pop("VITTUNE_RUN_DIR", None)
-    full_env.pop("WANDB_SERVICE", None)  # see no_inherited_wandb_service below
     return subprocess.run(
         [VITTUNE, *args],
         cwd=cwd,
-        env=full_env,
+        env=subprocess_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -151,5 +160,5 @@ def no_inherited_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
     not be inherited by the `vittune` subprocesses of later tests: they would log into that
     process's service, which writes nothing into their own run folder. Under pytest-xdist the
     order of tests in a worker differs from a serial run, so this showed up only there.
-    Module- and session-scoped fixtures run before this one: `run_cli` drops it too."""
+    Module- and session-scoped fixtures run before this one: `subprocess_env` drops it too."""
     monkeypatch.delenv("WANDB_SERVICE", raising=False)

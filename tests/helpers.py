@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import TINY_OVERRIDES, VITTUNE
+from conftest import TINY_OVERRIDES, VITTUNE, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -42,11 +42,13 @@ def run_cli_unset(
 ) -> subprocess.CompletedProcess:
     """conftest's `run_cli` with variables removed from the environment (not just emptied:
     wandb refuses an empty WANDB_MODE), e.g. to act as a machine where W&B was never set up."""
-    dropped = {*unset, "VITTUNE_RUN_DIR", "WANDB_SERVICE"}  # WANDB_SERVICE: see conftest
-    full_env = {k: v for k, v in os.environ.items() if k not in dropped}
-    full_env.update({"PYTHONWARNINGS": "ignore", **(env or {})})
     return subprocess.run(
-        [VITTUNE, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [VITTUNE, *args],
+        cwd=cwd,
+        env=subprocess_env(unset=unset, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

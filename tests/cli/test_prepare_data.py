@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import make_class_images, run_cli
+from conftest import make_class_images, run_cli, subprocess_env
 from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
 
 from vittune.data.prepare import prepare_data
@@ -114,9 +113,7 @@ def test_ddp_ranks_stream_disjoint_training_images_and_score_each_validation_ima
         "trainer.max_epochs=1",
         "logging.name=ddp",
     )
-    env = {**os.environ, **ONE_THREAD, "SEEN_LOG": str(tmp_path / "seen.tsv")}
-    env.update(WANDB_MODE="offline", PYTHONWARNINGS="ignore")
-    env.pop("VITTUNE_RUN_DIR", None)
+    env = subprocess_env(**ONE_THREAD, SEEN_LOG=str(tmp_path / "seen.tsv"))
     result = subprocess.run(
         [sys.executable, "probe.py", "finetune", str(recipe), *overrides],
         cwd=tmp_path,

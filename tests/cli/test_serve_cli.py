@@ -11,7 +11,6 @@ import base64
 import csv
 import hashlib
 import json
-import os
 import signal
 import socket
 import struct
@@ -25,7 +24,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import VITTUNE, make_class_images, run_cli, write_image
+from conftest import VITTUNE, make_class_images, run_cli, subprocess_env, write_image
 from helpers import ONE_THREAD, tiny, write_png, write_recipe
 
 from vittune.deploy.serve_input import Refused
@@ -86,7 +85,7 @@ def start_server(run_dir: Path, root: Path, *args: str) -> Server:
     cwd, log = root / "cwd", root / "serve.log"
     cwd.mkdir()
     port = free_port()
-    env = {**os.environ, **ONE_THREAD, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = subprocess_env(**ONE_THREAD)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [VITTUNE, "serve", str(run_dir), "--port", str(port), *args],

@@ -5,12 +5,11 @@ first line came 10 s after the command on the digits folder; 2.6 s now, benchmar
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_class_images
+from conftest import make_class_images, subprocess_env
 from helpers import ONE_THREAD, tiny, write_recipe
 
 # In a fresh interpreter, as the CLI runs it: what was imported when the first line came.
@@ -34,12 +33,10 @@ def test_the_run_folder_line_comes_before_lightning_and_the_data(tmp_path: Path)
     make_class_images(tmp_path / "data", {"a": 6, "b": 6}, size=32)
     recipe = write_recipe(tmp_path / "r.yaml", {"data": {"root": str(tmp_path / "data")}})
     overrides = tiny("trainer.max_epochs=1", "logging.name=first", "logging.wandb=true")
-    dropped = ("VITTUNE_RUN_DIR", "WANDB_SERVICE")  # as conftest's run_cli
-    inherited = {k: v for k, v in os.environ.items() if k not in dropped}
     result = subprocess.run(
         [sys.executable, "-c", PROBE, str(recipe), *overrides],
         cwd=tmp_path,
-        env={**inherited, **ONE_THREAD, "WANDB_MODE": "offline"},
+        env=subprocess_env(**ONE_THREAD),
         capture_output=True,
         text=True,
         timeout=300,

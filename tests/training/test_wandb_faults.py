@@ -5,7 +5,6 @@ line and never waits long, at start or at exit."""
 from __future__ import annotations
 
 import http.server
-import os
 import subprocess
 import threading
 import time
@@ -13,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_class_images
+from conftest import make_class_images, subprocess_env
 from helpers import VITTUNE, tiny, write_recipe
 from lightning.pytorch.loggers import WandbLogger
 
@@ -137,9 +136,7 @@ def run_and_time_the_exit(
 ) -> tuple[int, str, float]:
     """Run the CLI (WANDB_MODE unset, as on a machine set up for W&B); its exit code, stdout,
     and the seconds from its last line (the run folder) to its exit: W&B's wait at exit."""
-    dropped = ("WANDB_MODE", "WANDB_SERVICE", "VITTUNE_RUN_DIR")  # as helpers.run_cli_unset
-    full = {k: v for k, v in os.environ.items() if k not in dropped}
-    full.update({"PYTHONWARNINGS": "ignore", **env})
+    full = subprocess_env(unset=("WANDB_MODE",), **env)
     with (cwd / "stderr.txt").open("w") as errors:
         proc = subprocess.Popen(
             [VITTUNE, *args], cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=errors, text=True
