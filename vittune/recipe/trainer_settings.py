@@ -17,7 +17,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISION_ALIASES = ("16", "bf16", "32", "64")
 # Names every Lightning 2.x accepts, so that the usual recipe is checked without importing
 # Lightning (2 s on a CPU machine, before the run folder is named). Any other value is asked
-# of Lightning's own lists; tests/recipe/test_trainer_settings.py keeps these in them.
+# of Lightning's own lists; tests/training/test_settings.py keeps these in them.
 COMMON_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 COMMON_STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "single_device")
 

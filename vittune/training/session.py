@@ -75,7 +75,7 @@ def train_in_folder(
         recipe, run_dir, monitor, extra, start, wandb_id
     )
     if trainer.is_global_zero:
-        if resume is None:  # a resumed run's weights are the checkpoint's, said above
+        if resume is None:  # a resumed run's weights are the checkpoint's (run.py said so)
             log(
                 f"  weights: {assembly.report.source}"
                 + "".join(f"\n  {n}" for n in assembly.report.notes)
@@ -140,7 +140,9 @@ def train_in_folder(
             report, ci95 = log_tests(
                 run_dir, tests, log, "best" if best else "last; no best checkpoint"
             )
-            if ci95 is not None:  # the run's summary carries the test AUROC's interval too
+            # written again with the report's AUROC interval; the first write above keeps the
+            # run's numbers on disk should the report (a second pass over the test split) fail
+            if ci95 is not None:
                 result.metrics = write_metrics_json(run_dir, checkpoint, tests, ci95)
         send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr, report)
     return result

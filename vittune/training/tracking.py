@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import netrc
 import os
 from pathlib import Path
@@ -168,8 +169,6 @@ def forget_failed_start() -> None:
       its own check gives for a server without the endpoint: nothing is sent.
       tests/training/test_wandb_faults.py fails if a wandb release moves these names.
     """
-    import gc  # noqa: PLC0415
-
     import wandb  # noqa: PLC0415
 
     wandb.teardown()
