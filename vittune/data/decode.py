@@ -24,6 +24,7 @@ from vittune.data.dicom import (
     DICOM_SUFFIXES,
     DicomOptions,
     check_dicom,
+    is_dicom_file,
     looks_like_dicom,
     read_dicom,
 )
@@ -37,8 +38,6 @@ except ImportError:  # optional: OpenCV decodes every JPEG then
     simplejpeg = None
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", *DICOM_SUFFIXES)
-_DICOM_PREFIX = 132  # bytes that identify a DICOM file (preamble + "DICM")
-
 # PIL's readers for the formats of IMAGE_SUFFIXES (found by content, as OpenCV does).
 _HEADER_READERS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 
@@ -51,10 +50,7 @@ def is_image_file(path: Path) -> bool:
     UID), found by its preamble."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    if path.suffix or not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return looks_like_dicom(handle.read(_DICOM_PREFIX))
+    return not path.suffix and path.is_file() and is_dicom_file(path)
 
 
 def intensity_range(pixels: np.ndarray, mode: str = "dtype") -> tuple[float, float] | None:
@@ -227,9 +223,7 @@ def check_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
     non-image DICOM, truncated headers and decompression bombs); other files are decoded
     once to find out.
     """
-    with open(path, "rb") as handle:
-        prefix = handle.read(_DICOM_PREFIX)
-    if looks_like_dicom(prefix, path):
+    if is_dicom_file(path):
         check_dicom(path, path, max_pixels)
         return
     size = image_size(path)
@@ -257,7 +251,7 @@ def read_raw(
     name = name if name is not None else ("<bytes>" if in_memory else source)
     source = bytes(source) if in_memory else source
     data = source if in_memory else Path(source).read_bytes()
-    if looks_like_dicom(data[:_DICOM_PREFIX], name):
+    if looks_like_dicom(data, name):
         return read_dicom(data, name, max_pixels, dicom)
     size = _jpeg_size(data) or image_size(data)
     if size is not None:

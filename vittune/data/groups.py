@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vittune.data.datasets import SPLITS, Sample, SplitSamples
+from vittune.data.datasets import SPLITS, Sample, SplitSamples, stratified_split
 from vittune.errors import DataError, RecipeError
 
 
@@ -104,8 +104,6 @@ def carve(
     found: SplitSamples, val_fraction: float, test_fraction: float, seed: int, by_group: bool
 ) -> None:
     """Hold out test (when asked and not given) then val (when not given) from train."""
-    from vittune.data.datasets import stratified_split  # noqa: PLC0415
-
     split = grouped_split if by_group else stratified_split
     pool = found.splits["train"]
     if test_fraction and "test" not in found.splits:
@@ -148,16 +146,15 @@ def apply_splits_file(found: SplitSamples, splits_csv: str | Path) -> None:
     if not rows or not {"path", "split"} <= set(rows[0]):
         raise DataError(f"data.splits_from {splits_csv} needs columns path,split (a splits.csv)")
     chosen = {str(Path(r["path"]).resolve()): r["split"] for r in rows}
-    samples = [s for entries in found.splits.values() for s in entries]
-    missing = [s for s in samples if str(Path(s.path).resolve()) not in chosen]
+    located = [(s, str(Path(s.path).resolve())) for v in found.splits.values() for s in v]
+    missing = [s for s, where in located if where not in chosen]
     if missing:
         raise DataError(
             f"{len(missing)} image(s) are not in data.splits_from {splits_csv}, e.g. "
             f"{missing[0].path}; use the data that run used, or drop data.splits_from"
         )
     found.splits = {
-        split: [s for s in samples if chosen[str(Path(s.path).resolve())] == split]
-        for split in SPLITS
+        split: [s for s, where in located if chosen[where] == split] for split in SPLITS
     }
     found.splits = {k: v for k, v in found.splits.items() if v}
     if "train" not in found.splits or "val" not in found.splits:

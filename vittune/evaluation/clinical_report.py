@@ -21,13 +21,7 @@ from vittune.evaluation.clinical import (
     delong_interval,
     rates_with_intervals,
 )
-
-
-def one_hot(targets: np.ndarray, classes: int) -> np.ndarray:
-    """[N] class ids -> [N, K] 0/1; [N, K] multi-label targets pass through."""
-    if targets.ndim == 2:
-        return targets.astype(np.int64)
-    return np.eye(classes, dtype=np.int64)[targets]
+from vittune.evaluation.scores import one_hot
 
 
 def strata_of(onehot: np.ndarray) -> np.ndarray:

@@ -8,8 +8,6 @@ evaluation reported, not with 0.5.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 from vittune.errors import DataError, RecipeError
 from vittune.evaluation.clinical import DEFAULT_RESAMPLES, parse_operating_point
 from vittune.evaluation.clinical_report import clinical_report
+from vittune.files import atomic_write
 
 OPERATING_POINT_FILE = "operating_point.json"
 # Without --bootstrap, CIs are computed when images x classes x resamples stays below this
@@ -58,10 +57,7 @@ def save_operating_point(run_folder: Path, section: dict) -> Path:
         "thresholds": {r["name"]: r["threshold"] for r in section["per_class"]},
     }
     path = Path(run_folder) / OPERATING_POINT_FILE
-    handle, staging = tempfile.mkstemp(prefix=".operating_point-", dir=run_folder)
-    with os.fdopen(handle, "w") as out:
-        out.write(json.dumps(document, indent=2) + "\n")
-    os.replace(staging, path)
+    atomic_write(path, lambda temp: temp.write_text(json.dumps(document, indent=2) + "\n"))
     return path
 
 

@@ -18,13 +18,9 @@ from vittune.errors import DataError
 _SUFFIXES = ", ".join(IMAGE_SUFFIXES)
 
 
-def _is_image(path: Path) -> bool:
-    return is_image_file(path)
-
-
 def _images_under(folder: Path) -> list[Path]:
     """Image files anywhere below `folder`, in sorted order so runs are repeatable."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image(p))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
 
 
 def _from_manifest(manifest: Path) -> list[Path]:
@@ -57,7 +53,7 @@ def _from_glob(pattern: str) -> list[Path]:
         path = Path(match)
         if path.is_dir():
             images += _images_under(path)
-        elif _is_image(path):
+        elif is_image_file(path):
             images.append(path)
     if not images:
         raise DataError(f"no images ({_SUFFIXES}) match {pattern!r}; check the pattern")
@@ -74,7 +70,7 @@ def _expand(item: str | Path) -> list[Path]:
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return _from_manifest(path)
-        if _is_image(path):
+        if is_image_file(path):
             return [path]
         raise DataError(f"{path} is neither an image ({_SUFFIXES}) nor a CSV with a 'path' column")
     if glob.has_magic(str(item)):

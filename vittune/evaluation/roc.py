@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import auc, roc_curve
 
+from vittune.evaluation.scores import one_hot
+
 
 @dataclass(frozen=True)
 class RocCurve:
@@ -42,8 +44,7 @@ def roc_curves(
         classes or labels left out.
     """
     if targets.ndim == 1:
-        one_hot = targets[:, None] == np.arange(len(classes))[None, :]  # [N, K]
-        targets = one_hot.astype(np.int64)
+        targets = one_hot(targets, len(classes))  # [N, K]
         columns = [1] if len(classes) == 2 else list(range(len(classes)))
     else:
         columns = list(range(len(classes)))

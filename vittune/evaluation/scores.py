@@ -13,6 +13,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 
+def one_hot(targets: np.ndarray, classes: int) -> np.ndarray:
+    """[N] class ids -> [N, K] 0/1; [N, K] multi-label targets pass through."""
+    if targets.ndim == 2:
+        return targets.astype(np.int64)
+    return np.eye(classes, dtype=np.int64)[targets]
+
+
 @dataclass(frozen=True)
 class PerClass:
     """One row per class (or label); NaN marks a score that is undefined for that class."""
