@@ -17,11 +17,11 @@ from vittune.models.adapters import (
     is_mergeable,
     load_adapter,
     merged_model,
-    parameter_counts,
     save_adapter,
 )
 from vittune.models.adapters.ssf import merge_state
 from vittune.models.adapters.vpt import PROMPT
+from vittune.models.backbone import count_parameters
 from vittune.optim.param_groups import build_param_groups
 from vittune.recipe.schema import OptimConfig, PeftConfig
 
@@ -78,7 +78,7 @@ def test_only_adapters_and_head_train(method: str) -> None:
         assert not new and names == biases | {"head.weight"}
     else:
         assert new and all(n.startswith("blocks.") for n in new)
-    count, total = parameter_counts(model)
+    count, total = count_parameters(model)
     assert count == sum(model.get_parameter(n).numel() for n in names)
     assert count < 0.2 * total  # tiny model: the head alone is 325 of ~150 K
 

@@ -63,10 +63,14 @@ def verify_sha256(path: Path, expected: str | None) -> None:
         )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: Path, prefixes: tuple[str, ...] = (LIGHTNING_PREFIX,)
+) -> dict[str, torch.Tensor]:
     """Tensors from safetensors, or from torch pickles loaded with `weights_only=True`.
 
-    Lightning checkpoints are unwrapped to the backbone (`model.` prefix stripped).
+    Lightning checkpoints are unwrapped to the backbone: the tensors under the first of
+    `prefixes` that the checkpoint has (`model.`; an EMA export asks for `ema.module.` first),
+    that prefix stripped.
     """
     if path.suffix == ".safetensors":
         check_safetensors(path)  # sizes against the file's, before the library allocates
@@ -86,12 +90,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(content, dict):
         raise WeightsError(f"{path} holds no state dict")
-    if any(k.startswith(LIGHTNING_PREFIX) for k in content):
-        content = {
-            k[len(LIGHTNING_PREFIX) :]: v
-            for k, v in content.items()
-            if k.startswith(LIGHTNING_PREFIX)
-        }
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in content)), None)
+    if prefix is not None:
+        content = {k[len(prefix) :]: v for k, v in content.items() if k.startswith(prefix)}
     return {k.removeprefix("module."): v for k, v in content.items() if isinstance(v, torch.Tensor)}
 
 

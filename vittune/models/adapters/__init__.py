@@ -70,26 +70,23 @@ def merged_model(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A new timm model of the same architecture holding `state` (no hooks, no extras)."""
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor], **changed: Any) -> nn.Module:
+    """A new timm model of the same architecture (with `changed` constructor arguments)
+    holding `state` (no hooks, no extras)."""
     import timm  # noqa: PLC0415
 
-    plain = timm.create_model(model.pretrained_cfg["architecture"], **dict(model._model_args))
+    args = {**model._model_args, **changed}
+    plain = timm.create_model(model.pretrained_cfg["architecture"], **args)
     plain.load_state_dict(state, strict=True)
     return plain.to(next(model.parameters()).device).train(model.training)
 
 
 def _register_token_model(model: nn.Module, tokens: int) -> nn.Module:
-    import timm  # noqa: PLC0415
-
-    args = dict(model._model_args)
-    args["reg_tokens"] = args.get("reg_tokens", 0) + tokens
+    """VPT's prompts as timm register tokens: a plain model with `tokens` more of them."""
     state = vpt.as_register_tokens(
         model.state_dict(), model.num_prefix_tokens, model.no_embed_class
     )
-    plain = timm.create_model(model.pretrained_cfg["architecture"], **args)
-    plain.load_state_dict(state, strict=True)
-    return plain.to(next(model.parameters()).device).train(model.training)
+    return _plain_copy(model, state, reg_tokens=model._model_args.get("reg_tokens", 0) + tokens)
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -150,9 +147,3 @@ def load_adapter(base: nn.Module, folder: str | Path) -> nn.Module:
             f"{folder} does not fit this model: missing {sorted(wanted & set(missing))[:4]}, unexpected {unexpected[:4]}"
         )
     return merged_model(model, cfg) if is_mergeable(model, cfg) else model
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, each tensor counted once."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from vittune.models.adapters import is_mergeable, merged_model, save_adapter
+from vittune.models.weights import LIGHTNING_PREFIX, read_state_dict
 from vittune.recipe.schema import PeftConfig
 
 EMA_PREFIX = "ema.module."  # tasks/ema.py: the task's `ema` child, timm's ModelEmaV3
-MODEL_PREFIX = "model."
 
 
 @dataclass
@@ -28,9 +28,7 @@ class ExportedWeights:
 
 def checkpoint_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
     """The backbone's tensors in a vittune checkpoint: the EMA's average if asked and present."""
-    content = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    prefix = EMA_PREFIX if ema and any(k.startswith(EMA_PREFIX) for k in content) else MODEL_PREFIX
-    return {k[len(prefix) :]: v for k, v in content.items() if k.startswith(prefix)}
+    return read_state_dict(path, (EMA_PREFIX, LIGHTNING_PREFIX) if ema else (LIGHTNING_PREFIX,))
 
 
 def exported_weights(

@@ -45,14 +45,11 @@ def peft_config(model: nn.Module, cfg: PeftConfig, modules_to_save: list[str] | 
 
 
 def inject(model: nn.Module, cfg: PeftConfig) -> nn.Module:
-    """Add the adapters in place; everything but adapters and head frozen."""
+    """Add the adapters in place; everything but the adapters frozen (`apply_peft` then
+    trains the head(s) too, as for every method)."""
     from peft import inject_adapter_in_model  # noqa: PLC0415
 
-    heads = head_names(model)
     inject_adapter_in_model(peft_config(model, cfg), model)
-    for name, param in model.named_parameters():
-        if name in heads:
-            param.requires_grad_(True)
     return model
 
 
@@ -78,8 +75,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict  # noqa: PLC0415
 
     state = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(model).items()}
+    heads = head_names(model)
     for name, tensor in model.state_dict().items():
-        if name in head_names(model):
+        if name in heads:
             state[PEFT_PREFIX + name] = tensor
     return state
 
