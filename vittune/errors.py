@@ -3,6 +3,12 @@
 Anything else that escapes is a bug in vittune and keeps its traceback.
 """
 
+import signal
+
+# What schedulers send before they stop a job: SIGTERM (SLURM, Kubernetes, systemd) and SIGUSR1
+# (SLURM's `--signal=SIGUSR1@90` warning). Each ends a run as `Preempted`.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
 
 class VittuneError(Exception):
     """Base class for mistakes a user can make and fix."""

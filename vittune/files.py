@@ -88,11 +88,16 @@ def _writer_alive(temp: Path) -> bool:
     pid = temp.name[: -len(".tmp")].split(".")[-2]
     if not pid.isdigit():  # an older temp name without a pid: a leftover
         return False
+    return pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (signal 0 probes, sends nothing)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, another user's
+    except PermissionError:  # it runs, as another user
         return True
     return True
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from vittune.errors import STOP_SIGNALS
 
 
 def ignore_stop_signals(worker_id: int = 0, *_: Any) -> None:

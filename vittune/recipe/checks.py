@@ -7,6 +7,7 @@ one line. Rules that need a built model (its patch size, its layers) stay in mod
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import timm.optim
 from pydantic import ValidationError
 
 from vittune.errors import RecipeError
-from vittune.recipe.overrides import deep_merge, format_validation_error, parse_override
+from vittune.recipe.overrides import format_validation_error, set_dotted
 from vittune.recipe.schema import Command, Recipe
 from vittune.recipe.trainer_settings import check_trainer_settings
 
@@ -262,11 +263,8 @@ def check_sweep_space(recipe: Recipe, command: Command) -> None:
             )
         values = entry.choice if entry.kind == "choice" else list(getattr(entry, entry.kind))
         for value in values:
-            raw = deep_merge(base, parse_override(f"{key}=0"))  # the nesting of a dotted key
-            cursor = raw
-            for part in key.split(".")[:-1]:
-                cursor = cursor[part]
-            cursor[key.split(".")[-1]] = value
+            raw = copy.deepcopy(base)
+            set_dotted(raw, key, value)
             try:
                 check_recipe(Recipe.model_validate(raw), command)
             except ValidationError as err:

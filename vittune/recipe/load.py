@@ -81,7 +81,11 @@ def load_recipe(
         raw = deep_merge(raw, parse_override(text))
     if command is None:
         command = raw.get("task") if raw.get("task") in COMMAND_DEFAULTS else "finetune"
-    raw = deep_merge(COMMAND_DEFAULTS[command], raw)
+    return validated(deep_merge(COMMAND_DEFAULTS[command], raw), command)
+
+
+def validated(raw: dict[str, Any], command: Command) -> Recipe:
+    """`raw` as a Recipe that the schema and `command`'s checks accept; each refusal one line."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:

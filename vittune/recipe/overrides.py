@@ -61,12 +61,20 @@ def parse_override(text: str) -> dict[str, Any]:
     except yaml.YAMLError:
         value = raw
     nested: dict[str, Any] = {}
-    cursor = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
+    set_dotted(nested, key, value)
     return nested
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key (`optim.lr`) in a recipe mapping in place, making the mappings on the
+    way (and replacing what is not one); the value replaces, it is not merged."""
+    parts = key.split(".")
+    cursor = raw
+    for part in parts[:-1]:
+        if not isinstance(cursor.get(part), dict):
+            cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 from vittune.errors import VittuneError
 from vittune.recipe.schema import Command, Recipe
-from vittune.search.space import suggest, trial_recipe
+from vittune.search.space import shown_value, suggest, trial_recipe
 from vittune.search.study import FAIL_REASON, heartbeat
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def run_trial(
 
     name = f"trial-{trial.number:03d}"
     values = suggest(trial, recipe.sweep.space)
-    shown = "  ".join(f"{k}={_short(v)}" for k, v in values.items())
+    shown = "  ".join(f"{k}={shown_value(v)}" for k, v in values.items())
     log(f"vittune sweep: trial {trial.number}: {shown}")
     reporter = ReportEpochs(trial, monitor)
     start = time.monotonic()
@@ -140,7 +140,3 @@ def run_trial(
 def _failed(trial: optuna.Trial, reason: str) -> TrialFailed:
     trial.set_user_attr(FAIL_REASON, reason)
     return TrialFailed(reason)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

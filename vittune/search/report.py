@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
-from vittune.search.space import trial_recipe
+from vittune.search.space import shown_value, trial_recipe
 from vittune.search.study import FAIL_REASON, INTERRUPTED, RETRY_OF
 from vittune.training.run_folder import atomic_write
 
@@ -139,16 +139,15 @@ def top_table(rows: list[dict[str, Any]], keys: list[str], mode: str, top: int =
     header = ["trial", "objective", *keys, "best_epoch", "wall_s"]
     lines = [[str(r["number"]), f"{r['objective']:.4f}"] for r in done[:top]]
     for line, row in zip(lines, done, strict=False):
-        line += [_cell(row[k]) for k in keys] + [str(row["best_epoch"]), f"{row['wall_s']:.1f}"]
+        line += [shown_value(row[k]) for k in keys] + [
+            str(row["best_epoch"]),
+            f"{row['wall_s']:.1f}",
+        ]
     widths = [max(len(c) for c in column) for column in zip(header, *lines, strict=False)]
     return "\n".join(
         "  " + "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True))
         for line in [header, *lines]
     )
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def write_report(

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from vittune.errors import RecipeError
-from vittune.recipe.checks import check_recipe
-from vittune.recipe.overrides import format_validation_error
+from vittune.recipe.load import validated
+from vittune.recipe.overrides import set_dotted
 from vittune.recipe.schema import Command, Recipe, SpaceEntry, SweepConfig
 
 if TYPE_CHECKING:
@@ -83,15 +83,9 @@ def value_at(raw: dict[str, Any], key: str) -> Any:
     return cursor
 
 
-def set_at(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key in a dumped recipe, making the mappings on the way."""
-    parts = key.split(".")
-    cursor = raw
-    for part in parts[:-1]:
-        if not isinstance(cursor.get(part), dict):
-            cursor[part] = {}
-        cursor = cursor[part]
-    cursor[parts[-1]] = value
+def shown_value(value: Any) -> str:
+    """A trial's value as the console and the sweep report show it (floats to 4 digits)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def recipe_start(recipe: Recipe, space: dict[str, SpaceEntry]) -> dict[str, Any]:
@@ -121,7 +115,7 @@ def recipe_start(recipe: Recipe, space: dict[str, SpaceEntry]) -> dict[str, Any]
 def _as_stored(raw: dict[str, Any], key: str, value: Any) -> Any:
     """`value` at `key` as the validated recipe stores it (None when the schema refuses it)."""
     probe = copy.deepcopy(raw)
-    set_at(probe, key, value)
+    set_dotted(probe, key, value)
     try:
         return value_at(Recipe.model_validate(probe).model_dump(mode="json"), key)
     except ValidationError:
@@ -143,15 +137,10 @@ def trial_recipe(
     """
     raw = recipe.model_dump(mode="json")
     for key, value in values.items():
-        set_at(raw, key, value)
+        set_dotted(raw, key, value)
     raw["sweep"] = None  # a trial is an ordinary run
     raw["logging"].update(run_dir=str(sweep_dir), name=trial_name, group=group)
     raw["trainer"]["resume_from"] = None
     if raw["trainer"]["devices"] == "auto":
         raw["trainer"]["devices"] = 1  # one trial per device; more devices = more workers
-    try:
-        trial = Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise RecipeError(format_validation_error(err)) from None
-    check_recipe(trial, command)
-    return trial
+    return validated(raw, command)

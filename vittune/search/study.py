@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vittune.errors import RecipeError
+from vittune.files import pid_alive
 from vittune.recipe.schema import SweepConfig
 from vittune.search.space import grid_of
 
@@ -145,21 +146,11 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.Trial)
     study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number})
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def is_stale(trial: optuna.trial.FrozenTrial, heartbeat_s: int, now: float) -> bool:
     attrs = trial.user_attrs
     pid = attrs.get("pid")
     same_host = attrs.get("host") == socket.gethostname() and isinstance(pid, int)
-    if same_host and pid != os.getpid() and not process_alive(pid):
+    if same_host and pid != os.getpid() and not pid_alive(pid):
         return True
     beat = attrs.get("heartbeat")
     if beat is None and trial.datetime_start is not None:

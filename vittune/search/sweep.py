@@ -42,8 +42,13 @@ def monitor_for(recipe: Recipe, command: Command) -> tuple[str, str]:
     return monitor_of(recipe, task_class)  # reads only the class's default_monitor
 
 
+def default_sweep_name(recipe: Recipe, recipe_path: str | Path) -> str:
+    """`<logging.name or the recipe file's stem>-sweep`: the study's and the W&B sweep's."""
+    return f"{recipe.logging.name or Path(recipe_path).stem}-sweep"
+
+
 def sweep_folder(recipe: Recipe, recipe_path: str | Path, study_name: str | None) -> Path:
-    name = study_name or f"{recipe.logging.name or Path(recipe_path).stem}-sweep"
+    name = study_name or default_sweep_name(recipe, recipe_path)
     folder = Path(recipe.logging.run_dir) / name
     if (folder / "recipe.yaml").is_file():
         raise RecipeError(

@@ -15,7 +15,7 @@ import yaml
 
 from vittune.recipe.schema import Command, Recipe, SpaceEntry
 from vittune.search.space import sweep_config
-from vittune.search.sweep import monitor_for
+from vittune.search.sweep import default_sweep_name, monitor_for
 from vittune.training.run_folder import atomic_write
 
 METHODS = {"tpe": "bayes", "random": "random", "grid": "grid"}
@@ -37,7 +37,7 @@ def wandb_sweep_config(
     monitor, mode = monitor_for(recipe, command)
     config: dict[str, Any] = {
         "program": "vittune",
-        "name": f"{recipe.logging.name or Path(recipe_path).stem}-sweep",
+        "name": default_sweep_name(recipe, recipe_path),
         "project": recipe.logging.project,
         "method": METHODS[cfg.sampler],
         "metric": {"name": monitor, "goal": "maximize" if mode == "max" else "minimize"},

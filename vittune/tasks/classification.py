@@ -62,7 +62,7 @@ class ClassificationTask(VitTask):
         self.val_metrics = EvaluationMetrics(metrics, "val", self.classes, extra)
         # with an EMA, val/* scores the average and val_raw/* the weights being trained
         self.val_raw_metrics = (
-            EvaluationMetrics(metrics, "val_raw", self.classes, self.extra_eval_metrics())
+            EvaluationMetrics(metrics, "val_raw", self.classes, extra)
             if self.ema is not None
             else None
         )

@@ -12,7 +12,7 @@ import os
 import signal
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from vittune.errors import STOP_SIGNALS
 
 
 def _stop_now(signum: int, frame: FrameType | None) -> None:

@@ -18,18 +18,9 @@ import time
 from pathlib import Path
 
 from vittune.errors import RecipeError
+from vittune.files import pid_alive
 
 LOCK_NAME = ".vittune.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it runs, as another user
-        return True
-    return True
 
 
 def _holder(lock: Path) -> tuple[int, str] | None:
@@ -56,7 +47,7 @@ def acquire(folder: Path) -> Path:
                 time.sleep(0.2)
                 continue
             pid, host = holder
-            if host == socket.gethostname() and not _alive(pid):
+            if host == socket.gethostname() and not pid_alive(pid):
                 lock.unlink(missing_ok=True)  # its writer died (kill -9, power loss)
                 continue
             where = "" if host == socket.gethostname() else f" on {host}"

@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from vittune.errors import Preempted
+from vittune.errors import STOP_SIGNALS, Preempted
 
 
 class StopSignals:
     """What happened to the run's stop signals: which arrived, and in which phase."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -30,7 +28,7 @@ class StopSignals:
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
-        previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
         try:
             yield self
         finally:
@@ -39,7 +37,7 @@ class StopSignals:
 
     def reinstall(self) -> None:
         """Take the signals back (from Lightning's own handler, set when training starts)."""
-        for signum in self.SIGNALS:
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self.handle)
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
