@@ -133,11 +133,14 @@ def test_missing_pydicom_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
         read_raw(path)
 
 
-def test_the_decoded_cache_holds_the_windowed_pixels_and_keys_on_the_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["a.dcm", "IM000001"])  # named, or extension-less as from PACS
+def test_the_decoded_cache_holds_the_windowed_pixels_and_keys_on_the_window(
+    tmp_path: Path, name: str
+) -> None:
     from vittune.data.cache import build_memory_cache, cache_key
 
     stored = RNG.integers(0, 4096, (12, 12)).astype(np.uint16)
-    path = write_dicom(tmp_path / "a.dcm", stored, bits_stored=12, window=(2048.0, 4096.0))
+    path = write_dicom(tmp_path / name, stored, bits_stored=12, window=(2048.0, 4096.0))
     lung = DicomOptions(window=(1000.0, 500.0))
     cache = build_memory_cache([path], None, dicom=lung)
     np.testing.assert_array_equal(cache.get(0), read_raw(path, dicom=lung))

@@ -62,8 +62,11 @@ def cache_key(paths: list[Path], max_pixels: int | None, dicom: DicomOptions | N
     digest = hashlib.sha256(FORMAT)
     jpeg = f"simplejpeg {decode.simplejpeg.__version__}" if decode.simplejpeg else "none"
     digest.update(f"{max_pixels}|{jpeg}|opencv {cv2.__version__}\n".encode())
-    if dicom is not None and any(p.suffix.lower() in DICOM_SUFFIXES for p in map(Path, paths)):
-        digest.update(f"dicom {dicom}\n".encode())  # the window changes the pixels
+    # the window changes the pixels; DICOM files come named .dcm/.dicom or with no suffix at all
+    # (PACS exports, found by their preamble: decode.is_image_file)
+    maybe_dicom = (p.suffix.lower() in DICOM_SUFFIXES or not p.suffix for p in map(Path, paths))
+    if dicom is not None and any(maybe_dicom):
+        digest.update(f"dicom {dicom}\n".encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
