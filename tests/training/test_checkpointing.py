@@ -16,6 +16,7 @@ import torch
 from ckpt_helpers import best_score, cli_env, load, start_cli, step_of, wait_until
 from conftest import make_class_images, run_cli
 from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
+from PIL import Image
 from safetensors.torch import load_file
 
 from vittune.files import atomic_write
@@ -94,6 +95,14 @@ def test_last_ckpt_is_the_final_epoch_when_the_metric_stopped_improving(plateau_
     assert best["epoch"] == 0
     assert last["epoch"] == 2 and last["global_step"] == 3 * steps_per_epoch
     assert best_score(last) == scores[0]
+    assert figure_title(plateau_run / "runs" / "plateau") == (
+        f"validation, epoch 0 (best val/acc1 {scores[0]:.4f})"
+    )
+
+
+def figure_title(run_dir: Path) -> str:
+    with Image.open(run_dir / "confusion_matrix.png") as figure:
+        return figure.info["Title"]
 
 
 def test_resume_into_a_new_folder_keeps_the_best_of_the_earlier_epochs(plateau_run: Path):
@@ -116,6 +125,8 @@ def test_resume_into_a_new_folder_keeps_the_best_of_the_earlier_epochs(plateau_r
     exported = load_file(str(new / "model.safetensors"))
     epoch0 = read_state_dict(old / "checkpoints" / "best.ckpt")
     assert all(torch.equal(exported[k], epoch0[k]) for k in exported)
+    # The figure too is epoch 0's, drawn from the counts the checkpoint kept.
+    assert figure_title(new) == figure_title(old)
 
 
 @pytest.mark.slow

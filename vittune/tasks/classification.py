@@ -16,6 +16,8 @@ from vittune.tasks.figures import log_image, save_confusion_matrix
 from vittune.tasks.losses import build_mixup, eval_loss, label_loss
 from vittune.tasks.metrics import EvaluationMetrics, classification_metrics
 
+BEST_CONFUSION = "vittune_best_confusion"  # checkpoint key of the best epoch's counts
+
 
 class ClassificationTask(VitTask):
     """Labels in, probabilities out; the distillation task extends it with a teacher."""
@@ -71,6 +73,8 @@ class ClassificationTask(VitTask):
             None if self.multi_label else ConfusionMatrix(task="multiclass", num_classes=n)
         )
         self.epoch_confusion: torch.Tensor | None = None  # the last validation's [K, K] counts
+        # the best epoch's: {"epoch", "counts" ([K, K] nested lists), "title"}
+        self.best_confusion: dict[str, Any] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -142,16 +146,37 @@ class ClassificationTask(VitTask):
         self.val_confusion.reset()
 
     def on_new_best(self, epoch: int, monitor: str, score: float) -> None:
-        """Draw this epoch's confusion matrix (BestCheckpoint calls this when the epoch is the
-        best so far), so `confusion_matrix.png` always matches the exported weights."""
+        """Keep this epoch's confusion counts (BestCheckpoint calls this when the epoch is the
+        best so far). The figure is drawn once, at the end of fit: drawing it at every new
+        best cost about 0.3 s an epoch, most epochs of a short run being new bests."""
         matrix, self.epoch_confusion = self.epoch_confusion, None
-        if matrix is None or not self.trainer.is_global_zero or self.run_dir is None:
+        if matrix is not None:
+            title = f"validation, epoch {epoch} (best {monitor} {score:.4f})"
+            self.best_confusion = {"epoch": epoch, "counts": matrix.tolist(), "title": title}
+
+    # In the checkpoint, so that a resumed run that finds no better epoch still draws the best
+    # one's matrix (a kill -9 between a new best and the end of fit left no figure for it).
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.best_confusion is not None:
+            checkpoint[BEST_CONFUSION] = self.best_confusion
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_confusion = checkpoint.get(BEST_CONFUSION, self.best_confusion)
+
+    def on_fit_end(self) -> None:
+        """Draw the best epoch's confusion matrix, so `confusion_matrix.png` matches the
+        exported weights; none when the best checkpoint is not from a validation kept here."""
+        super().on_fit_end()
+        drawn = self.best_confusion
+        if drawn is None or self.run_dir is None or not self.trainer.is_global_zero:
+            return
+        if drawn["epoch"] != getattr(self.trainer.checkpoint_callback, "best_epoch", None):
             return
         path = save_confusion_matrix(
-            matrix,
+            torch.tensor(drawn["counts"]),
             self.classes,
             self.run_dir / "confusion_matrix.png",
-            f"validation, epoch {epoch} (best {monitor} {score:.4f})",
+            drawn["title"],
         )
         log_image(self.loggers, "val/confusion_matrix", path)
 

@@ -125,11 +125,13 @@ class DistillationTask(ClassificationTask):
     # The teacher is rebuilt from the recipe on every run: keep its weights out of checkpoints
     # (a ResNet-50 teacher would otherwise double a ViT-S checkpoint) and put them back on load.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key, value in self.teacher.state_dict().items():
             state.setdefault(f"teacher.{key}", value)

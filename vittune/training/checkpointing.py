@@ -61,7 +61,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     When an epoch becomes the best, its `val/*` values and epoch are kept (in the checkpoint
     state too, so a resume keeps them), the LightningModule's `on_new_best(epoch, monitor,
-    score)` is called if it has one (classification draws that epoch's confusion matrix),
+    score)` is called if it has one (classification keeps that epoch's confusion matrix),
     and at the end of fit they go into the W&B summary as `best/<metric>` and `best/epoch`
     (W&B's own summary holds each metric's last value).
     """
