@@ -7,6 +7,7 @@ prints one line and exits with 128 + the signal number (143 for SIGTERM, 138 for
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 from typing import Annotated
@@ -462,7 +463,15 @@ def main() -> None:
     from vittune.training.noise import quiet_third_party
 
     quiet_third_party()  # here, not on import: library users keep their logging and warnings
-    app(prog_name="vittune")
+    try:
+        app(prog_name="vittune")
+    finally:
+        # The command has finished and closed its files. Freezing every object makes the
+        # interpreter's final garbage collection skip the million-odd objects that torch,
+        # Lightning, torchmetrics, scipy and matplotlib leave behind: 1.0 s of a training
+        # run's exit (1.25 s -> 0.27 s, measured). atexit handlers (W&B, DataLoader
+        # workers, logging) still run, and the memory goes back to the system at exit.
+        gc.freeze()
 
 
 if __name__ == "__main__":
