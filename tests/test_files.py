@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from vittune.files import atomic_write
+import pytest
+
+from vittune.files import atomic_link, atomic_write
 
 
 def _write_many(path: str, tag: str, count: int) -> None:
@@ -47,3 +51,41 @@ def test_a_dead_writers_temp_is_removed_and_a_live_writers_kept(tmp_path: Path) 
         assert not left.exists() and not old_style.exists()
         assert writing.exists()  # its writer still runs
         live.kill()
+
+
+def test_atomic_link_replaces_the_name_and_keeps_the_old_content_for_its_readers(
+    tmp_path: Path,
+) -> None:
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    best.write_bytes(b"epoch 3")
+    last.write_bytes(b"epoch 2")
+    with last.open("rb") as reader:  # a reader of the old last.ckpt (a resume, an export)
+        assert atomic_link(best, last)
+        assert reader.read() == b"epoch 2"  # its file was replaced, not rewritten
+    assert last.samefile(best) and last.read_bytes() == b"epoch 3"
+    best.unlink()  # the next best is written under the same name: last.ckpt keeps its content
+    assert last.read_bytes() == b"epoch 3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp left
+
+
+def test_atomic_link_refused_by_the_filesystem_changes_nothing(tmp_path: Path) -> None:
+    # A hard link across filesystems is refused (EXDEV), as one on a mount without hard links
+    # is (EPERM, ENOTSUP): the caller is told, and writes the file itself.
+    here = os.stat(tmp_path).st_dev
+    others = [
+        Path(p)
+        for p in ("/dev/shm", tempfile.gettempdir(), "/run", "/var/tmp")
+        if os.path.isdir(p) and os.access(p, os.W_OK) and os.stat(p).st_dev != here
+    ]
+    if not others:
+        pytest.skip("this machine has no second writable filesystem to link across")
+    source = others[0] / f"vittune-link-{os.getpid()}.ckpt"
+    source.write_bytes(b"new")
+    try:
+        last = tmp_path / "last.ckpt"
+        last.write_bytes(b"old")
+        assert atomic_link(source, last) is False
+        assert last.read_bytes() == b"old" and not last.samefile(source)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    finally:
+        source.unlink()

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vittune.errors import RecipeError, StorageError
@@ -49,13 +51,17 @@ def claim_fresh_folder(
     return candidate
 
 
-def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644) -> None:
+def atomic_write(
+    path: Path, write: Callable[[Path], object], mode: int = 0o644, size: int = 0
+) -> None:
     """Write `path` so that readers (and a crash at any moment) see the old file or the new one.
 
     The temporary file lives in the destination folder, so `os.replace` is a rename within
     one filesystem (a temp file in $TMPDIR is copied across filesystems instead, and a kill
     during the copy truncates the destination). fsync before the rename makes the content
     durable before the name points at it; fsync of the folder makes the rename durable.
+    `size`, when the caller knows it, is what a refused write is said to need (safetensors
+    writes nothing before it fails, so the temp file cannot tell).
     """
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,12 +79,35 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644)
         os.chmod(temp, mode)  # mkstemp makes 0600 files; exports are meant to be shared
         os.replace(temp, path)
     except BaseException as err:
-        needed = needed_for(path, temp)
+        needed = max(size, needed_for(path, temp))
         temp.unlink(missing_ok=True)
         if is_write_failure(err):  # a full disk: one line naming the file and the space
             raise storage_error(path, needed, err) from None
         raise
     _fsync(folder)
+
+
+def atomic_link(source: Path, path: Path) -> bool:
+    """Make `path` a hard link to `source`, atomically (readers see the old file or the new).
+
+    For two names of one content, such as a `last.ckpt` that holds the same state as the best
+    checkpoint written a moment before: no second serialisation, write or fsync of the data.
+    False, with nothing changed, where the filesystem has no hard links (some network and
+    FUSE mounts); the caller then writes the file. The temp name is atomic_write's, so a kill
+    between link and rename leaves a leftover that the next write of `path` removes.
+    """
+    temp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.link(source, temp)
+    except OSError:
+        return False
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+    return True
 
 
 def _writer_alive(temp: Path) -> bool:
@@ -121,14 +150,30 @@ def _megabytes(size: float) -> str:
 
 def is_write_failure(err: BaseException) -> bool:
     """Whether `err` (or what caused it) is a write that the storage refused."""
+    if any(number in NO_SPACE for number in _errnos(err)):
+        return True
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
-            return True
         if isinstance(seen, RuntimeError) and any(m in str(seen) for m in TORCH_WRITE_FAILURES):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# Rust's io::Error as libraries written in Rust report it (safetensors' SafetensorError: "I/O
+# error: No space left on device (os error 28)"): the errno is only in the message.
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _errnos(err: BaseException) -> Iterator[int]:
+    """The errno of `err` and of each error that caused it, from OSError or a Rust message."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            yield seen.errno
+        elif match := RUST_OS_ERROR.search(str(seen)):
+            yield int(match[1])
+        seen = seen.__cause__ or seen.__context__
 
 
 def storage_error(path: Path, needed: int, err: BaseException) -> StorageError:
@@ -152,8 +197,7 @@ def storage_error(path: Path, needed: int, err: BaseException) -> StorageError:
 
 
 def _efbig(err: BaseException) -> bool:
-    chain = (err, err.__cause__, err.__context__)
-    return any(isinstance(e, OSError) and e.errno == errno.EFBIG for e in chain)
+    return errno.EFBIG in _errnos(err)
 
 
 def needed_for(path: Path, temp: Path | None) -> int:

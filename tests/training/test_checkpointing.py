@@ -3,6 +3,7 @@ metric that stops improving never leaves last.ckpt behind."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -11,16 +12,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from ckpt_helpers import best_score, cli_env, load, start_cli, step_of, wait_until
-from conftest import make_class_images, run_cli
+from conftest import TINY_VIT, make_class_images, run_cli
 from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
 from PIL import Image
 from safetensors.torch import load_file
 
 from vittune.files import atomic_write
 from vittune.models.weights import read_state_dict
+from vittune.recipe.schema import Recipe
+from vittune.tasks.assembly import build
+from vittune.training.checkpointing import LatestCheckpoint
+from vittune.training.trainer import build_trainer
 
 # Saves a 16 MB tensor that holds its own sequence number, as fast as it can, through the
 # same atomic write the checkpoint plugin uses; says "ready" after the first save.
@@ -161,3 +167,69 @@ def test_kill_9_mid_training_then_auto_resume_finishes_the_run(tmp_path: Path) -
     assert load(checkpoints / "last.ckpt")["global_step"] == 3 * 24  # 48 images, batches of 2
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["crash"]
+
+
+def same_content(a: object, b: object) -> bool:
+    """Deep equality of two loaded checkpoints (tensors by value, NaN equal to NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_content(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_content(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b or (a != a and b != b)
+
+
+def test_last_ckpt_linked_to_a_new_best_holds_what_its_own_save_would(tmp_path: Path) -> None:
+    """At an epoch that sets a new best, last.ckpt becomes a hard link to the best file just
+    written (one serialisation and fsync instead of two); at an epoch that does not, it is
+    written. The link's content equals that of a run identical but for the link."""
+    make_class_images(tmp_path / "data", {"a": 6, "b": 6}, size=32)
+    recipe = Recipe.model_validate(
+        {
+            "model": {**TINY_VIT, "drop_path_rate": 0.0},
+            "data": {"root": str(tmp_path / "data"), "batch_size": 4, "num_workers": 0},
+            "augment": {"preset": "none"},
+            "optim": {"lr": 1e-12},  # val/acc1 never improves after epoch 0
+            "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1}
+            | {"precision": "32-true"},
+            "logging": {"wandb": False},
+        }
+    )
+    linked_after: dict[int, bool] = {}
+
+    class LinkState(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            folder = tmp_path / "run" / "checkpoints"
+            if trainer.current_epoch:
+                linked_after[trainer.current_epoch - 1] = os.path.samefile(
+                    folder / "last.ckpt", folder / "best.ckpt"
+                )
+
+    def fit(run: str, epochs: int, link: bool, extra: list[L.Callback]) -> Path:
+        L.seed_everything(0)
+        assembly = build(recipe.model_copy(deep=True), "finetune")
+        trainer, _, _ = build_trainer(recipe, tmp_path / run, ("val/acc1", "max"), extra)
+        trainer.fit_loop.max_epochs = epochs
+        if not link:
+            next(c for c in trainer.callbacks if isinstance(c, LatestCheckpoint)).best = None
+        trainer.fit(assembly.task, datamodule=assembly.datamodule)
+        return tmp_path / run / "checkpoints"
+
+    folder = fit("run", 2, True, [LinkState()])
+    assert linked_after == {0: True}  # epoch 0: a new best, linked
+    assert not os.path.samefile(folder / "last.ckpt", folder / "best.ckpt")  # epoch 1: written
+    assert load(folder / "last.ckpt")["epoch"] == 1 and load(folder / "best.ckpt")["epoch"] == 0
+
+    linked, written = fit("one", 1, True, []), fit("other", 1, False, [])
+    assert os.path.samefile(linked / "last.ckpt", linked / "best.ckpt")
+    assert not os.path.samefile(written / "last.ckpt", written / "best.ckpt")
+    first, second = load(linked / "last.ckpt"), load(written / "last.ckpt")
+    for state in (first, second):  # the folder names differ, and only they
+        state["callbacks"] = {k: {**v, "dirpath": None} for k, v in state["callbacks"].items()}
+        for key in ("best_model_path", "kth_best_model_path", "best_k_models", "last_model_path"):
+            for v in state["callbacks"].values():
+                v.pop(key, None)
+    assert same_content(first, second)

@@ -132,7 +132,8 @@ def write_export(
     path = folder / filename
     tensors = contiguous_state(state)
     metadata = {"format": "pt", "architecture": config["architecture"]}
-    atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata), size=size)
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(folder / "config.json", lambda temp: temp.write_text(text))
     return path

@@ -51,7 +51,9 @@ def build_trainer(
         save_last=False,  # LatestCheckpoint keeps last.ckpt, at every epoch and on a stop
         auto_insert_metric_name=False,
     )
-    latest = LatestCheckpoint(run_dir / "checkpoints", recipe.checkpoint.every_n_steps, start_step)
+    latest = LatestCheckpoint(
+        run_dir / "checkpoints", recipe.checkpoint.every_n_steps, start_step, best=checkpoint
+    )
     callbacks: list[Callback] = [
         checkpoint,
         LearningRateMonitor(logging_interval="step"),
