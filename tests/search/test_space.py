@@ -57,8 +57,12 @@ def test_trial_zero_takes_the_recipes_values_that_lie_in_the_space(tmp_path: Pat
 
 
 def test_sweep_only_rules(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match="one device"):
-        sweep_config(loaded(tmp_path, "trainer.devices=2"))
+    # every way of asking for more than one device (the string forms were let through)
+    for devices in ("2", "'2'", "-1", "'-1'", "'0,1'", "[0, 1]", "'1,3,'"):
+        with pytest.raises(RecipeError, match="one device"):
+            sweep_config(loaded(tmp_path, f"trainer.devices={devices}"))
+    for devices in ("1", "'1'", "'1,'", "[3]", "auto"):  # one device: accepted
+        assert sweep_config(loaded(tmp_path, f"trainer.devices={devices}")).space
     with pytest.raises(RecipeError, match="grid needs every sweep.space entry"):
         sweep_config(loaded(tmp_path, "sweep.sampler=grid"))
     with pytest.raises(RecipeError, match="no sweep.space"):

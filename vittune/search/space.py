@@ -18,6 +18,7 @@ from vittune.errors import RecipeError
 from vittune.recipe.load import validated
 from vittune.recipe.overrides import set_dotted
 from vittune.recipe.schema import Command, Recipe, SpaceEntry, SweepConfig
+from vittune.recipe.trainer_settings import requested_devices
 
 if TYPE_CHECKING:
     import optuna
@@ -33,10 +34,9 @@ def sweep_config(recipe: Recipe) -> SweepConfig:
             " 'sweep.space={optim.lr: {loguniform: [1.0e-4, 3.0e-3]}}' (docs/sweeps.md)"
         )
     devices = recipe.trainer.devices
-    many = (isinstance(devices, int) and devices > 1) or (
-        isinstance(devices, list) and len(devices) > 1
-    )
-    if many or recipe.trainer.num_nodes > 1 or devices == -1:
+    count = requested_devices(devices)
+    every = count is None and str(devices).strip() != "auto"  # -1: all of them
+    if every or (count or 1) > 1 or recipe.trainer.num_nodes > 1:
         raise RecipeError(
             "a sweep trains each trial on one device; set trainer.devices=1 and start one"
             " `vittune sweep --study NAME` worker per GPU (docs/sweeps.md)"
