@@ -156,14 +156,18 @@ def token_merging_table(
     return rows
 
 
-def choose_samples(run: TrainedRun, split: str, new_data: bool) -> tuple[SplitSamples, str]:
-    """The images to score: the run's test (else validation) split, or all of new data."""
+def choose_samples(
+    run: TrainedRun, split: str, new_data: bool, scanned: SplitSamples | None = None
+) -> tuple[SplitSamples, str]:
+    """The images to score: the run's test (else validation) split, or all of new data.
+    `scanned`: the run's own data as its training scanned it (the test report at the end of
+    a run passes it: a second scan of every header cost a third of a second on the digits)."""
     cfg = run.recipe.data
     if new_data:  # data.* overrides name other data: score all of it unless a split is named
         found = scan_readable(cfg)
         chosen = "all" if split == "auto" else split
     else:  # the run's own data, split exactly as in training (same seed and fractions)
-        found = scan_sources(cfg)
+        found = scanned if scanned is not None else scan_sources(cfg)
         chosen = ("test" if "test" in found.splits else "val") if split == "auto" else split
     if chosen == "all":
         samples = [s for entries in found.splits.values() for s in entries]
@@ -271,15 +275,17 @@ def evaluate_run(
     device: str = "auto",
     token_merge: list[int] | None = None,
     clinical: ClinicalOptions | None = None,
+    scanned: SplitSamples | None = None,
 ) -> Evaluation:
-    """Score a run; write `RUN/eval/<name>/` (never over an earlier evaluation)."""
+    """Score a run; write `RUN/eval/<name>/` (never over an earlier evaluation). `scanned`:
+    the run's data as its training scanned it, when called at the end of that training."""
     if split not in SPLITS:
         raise RecipeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     clinical = check_clinical(clinical or ClinicalOptions())
     overrides = list(overrides or [])
     run = load_trained_run(run_folder, overrides, weights)
     new_data = any(o.split("=", 1)[0].strip().startswith("data.") for o in overrides)
-    found, chosen = choose_samples(run, split, new_data)
+    found, chosen = choose_samples(run, split, new_data, scanned)
     assembly = build_trained(run, found)
     dataset = assembly.datamodule.dataset("val")
     samples: list[Sample] = found.splits["val"]

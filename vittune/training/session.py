@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vittune.data.datasets import SplitSamples
 from vittune.data.groups import write_splits
 from vittune.deploy.timm_folder import export_best
 from vittune.errors import Preempted
@@ -138,7 +139,11 @@ def train_in_folder(
         report = None
         if tests:
             report, ci95 = log_tests(
-                run_dir, tests, log, "best" if best else "last; no best checkpoint"
+                run_dir,
+                tests,
+                log,
+                "best" if best else "last; no best checkpoint",
+                assembly.datamodule.found,
             )
             # written again with the report's AUROC interval; the first write above keeps the
             # run's numbers on disk should the report (a second pass over the test split) fail
@@ -172,6 +177,7 @@ def log_tests(
     tests: dict[str, dict[str, float]],
     log: Callable[[str], None],
     exported: str = "best",
+    scanned: SplitSamples | None = None,
 ) -> tuple[Path, list[float] | None]:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
     calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does.
@@ -182,7 +188,7 @@ def log_tests(
         weights = "last" if name == "test_last" else exported
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         log(f"  {name} ({weights} weights): {shown}")
-    report = evaluate_run(run_dir, [], split="test", name="test")
+    report = evaluate_run(run_dir, [], split="test", name="test", scanned=scanned)
     low, high = report.clinical.get("auroc_macro_ci95", (None, None))
     if low is not None:
         log(
