@@ -45,6 +45,10 @@ from PIL import Image
 from results_md import RESULTS, machine, write_section  # (benchmarks/ is on sys.path)
 
 SECTION = "## End to end: `vittune finetune` vs a plain timm loop"
+SECTIONS = {
+    "synthetic": SECTION,
+    "digits": "## End to end on the digits: `vittune finetune` vs a plain timm loop",
+}
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -157,23 +161,34 @@ class Setup:
     weight_decay: float = 0.05
     drop_path: float = 0.1
     seed: int = 42
+    in_chans: int = 3
+    augment: bool = True  # random resized crop (scale 0.5-1) + flip; else a resize
+    label_smoothing: float = 0.0
+    warmup_epochs: int = 0
+    clip: float = 0.0  # gradient-norm clip, 0: none
 
     def recipe(self, run_dir: Path, name: str) -> dict:
+        mean, std = [MEAN[0]] * self.in_chans, [STD[0]] * self.in_chans
+        trainer = {"max_epochs": self.epochs, "accelerator": "cpu", "devices": 1}
+        trainer |= {"precision": "32-true", "seed": self.seed, "check_val_every_n_epoch": 1}
+        if self.clip:
+            trainer["gradient_clip_val"] = self.clip
         return {
             "model": {"name": self.model, "pretrained": False, "img_size": self.img_size}
             | {"patch_size": self.patch_size, "drop_path_rate": self.drop_path}
-            | {"kwargs": {"depth": self.depth}},
+            | {"in_chans": self.in_chans, "kwargs": {"depth": self.depth}},
             "data": {"root": str(self.data), "batch_size": self.batch_size}
-            | {"num_workers": self.workers, "mean": list(MEAN), "std": list(STD)},
-            "augment": {"preset": "light"},  # random resized crop (scale 0.5-1) + flip
+            | {"num_workers": self.workers, "mean": mean, "std": std},
+            "augment": {"preset": "light" if self.augment else "none"},
+            "loss": {"label_smoothing": self.label_smoothing},
             "optim": {"name": "adamw", "lr": self.lr, "weight_decay": self.weight_decay},
-            "schedule": {"name": "cosine", "warmup_epochs": 0},
-            "trainer": {"max_epochs": self.epochs, "accelerator": "cpu", "devices": 1}
-            | {"precision": "32-true", "seed": self.seed, "check_val_every_n_epoch": 1},
+            "schedule": {"name": "cosine", "warmup_epochs": self.warmup_epochs},
+            "trainer": trainer,
             "logging": {"wandb": False, "run_dir": str(run_dir), "name": name},
         }
 
     def plain_args(self, out: Path) -> list[str]:
+        mean, std = [MEAN[0]] * self.in_chans, [STD[0]] * self.in_chans
         return [
             str(self.data), str(out), "--model", self.model,
             "--img-size", str(self.img_size), "--patch-size", str(self.patch_size),
@@ -181,8 +196,36 @@ class Setup:
             "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
             "--workers", str(self.workers), "--lr", str(self.lr),
             "--weight-decay", str(self.weight_decay), "--seed", str(self.seed),
-            "--mean", *map(str, MEAN), "--std", *map(str, STD),
+            "--in-chans", str(self.in_chans), "--label-smoothing", str(self.label_smoothing),
+            "--warmup-epochs", str(self.warmup_epochs), "--clip", str(self.clip),
+            *([] if self.augment else ["--no-augment"]),
+            "--mean", *map(str, mean), "--std", *map(str, std),
         ]  # fmt: skip
+
+
+def make_digits(root: Path, seed: int) -> None:
+    """scikit-learn's 1,797 8x8 digits as grey PNGs in `root/{train,val,test}/<digit>/`
+    (70/15/15, a seeded shuffle): the quickstart's data, with a test split scored at the end."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    n_val = n_test = round(0.15 * len(order))
+    for rank, index in enumerate(order):
+        split = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+        folder = root / split / str(digits.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)  # 0..16
+        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+
+
+def digits_setup(data: Path, epochs: int) -> Setup:
+    """recipes/quickstart.yaml's model, loader and schedule (its digits run, issue 17)."""
+    return Setup(
+        data, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=6, epochs=epochs,
+        batch_size=64, workers=1, drop_path=0.05, in_chans=1, augment=False,
+        label_smoothing=0.1, warmup_epochs=1, clip=1.0,
+    )  # fmt: skip
 
 
 @dataclass
@@ -348,6 +391,12 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="paired runs of both sides (0: start-up only)"
     )
+    parser.add_argument(
+        "--data",
+        choices=["synthetic", "digits"],
+        default="synthetic",
+        help="generated JPEGs (the options below), or the digits with the quickstart's model",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--images", type=int, default=100, help="images per class, train + val")
@@ -374,11 +423,15 @@ def main() -> None:
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="vittune-e2e-") as tmp:
         work = Path(tmp)
-        make_images(work / "data", args.classes, args.images, args.val_fraction, args.seed)
-        setup = Setup(
-            work / "data", args.model, args.img_size, args.patch_size, args.depth,
-            args.epochs, args.batch_size, args.workers,
-        )  # fmt: skip
+        if args.data == "digits":
+            make_digits(work / "data", args.seed)
+            setup = digits_setup(work / "data", args.epochs)
+        else:
+            make_images(work / "data", args.classes, args.images, args.val_fraction, args.seed)
+            setup = Setup(
+                work / "data", args.model, args.img_size, args.patch_size, args.depth,
+                args.epochs, args.batch_size, args.workers,
+            )  # fmt: skip
         imports = time_imports(args.import_repeats, env, work)  # also warms the file cache
         startup = time_startup(setup, args.import_repeats, env, work)
         for repeat in range(args.repeats):
@@ -395,11 +448,19 @@ def main() -> None:
             )
     parts = [*(tables(results, imports) if args.repeats else []), startup_table(startup)]
     n_train = args.images - max(1, round(args.images * args.val_fraction))
+    data = (
+        f"{args.classes} classes x {n_train} train + {args.images - n_train} val JPEGs (64-96 px),"
+        " random resized crop + flip"
+        if args.data == "synthetic"
+        else "the 1,797 digits as 8x8 grey PNGs, 70/15/15 train/val/test folders (test scored"
+        " at the end with the best weights; vittune also writes its test report and export),"
+        " no augmentation, label smoothing 0.1, 1 warm-up epoch, gradient clip 1.0"
+    )
     described = (
-        f"{args.model} with {args.depth} blocks at {args.img_size} px / patch {args.patch_size},"
-        f" {args.classes} classes x {n_train} train + {args.images - n_train} val JPEGs (64-96 px),"
-        f" {args.epochs} epochs, batch {args.batch_size}, {args.workers} loader workers,"
-        f" fp32 on CPU, OMP_NUM_THREADS {args.threads or 'unset'}; {args.repeats} paired repeats."
+        f"{setup.model} with {setup.depth} blocks at {setup.img_size} px / patch"
+        f" {setup.patch_size}, {setup.in_chans} input channel(s), {data}, {args.epochs} epochs,"
+        f" batch {setup.batch_size}, {setup.workers} loader worker(s), fp32 on CPU,"
+        f" OMP_NUM_THREADS {args.threads or 'unset'}; {args.repeats} paired repeats."
         f" Load average (1 min) during the runs: {min(loads):.1f} - {max(loads):.1f}."
     )
     print(f"\n{described}\n\n" + "\n\n".join(parts))
@@ -410,8 +471,8 @@ def main() -> None:
             if k != "write" and v is not None
         )
         write_section(
-            SECTION,
-            f"{SECTION}\n\nMachine: {machine()}.\nDate: {time.strftime('%Y-%m-%d')}. Command:"
+            SECTIONS[args.data],
+            f"{SECTIONS[args.data]}\n\nMachine: {machine()}.\nDate: {time.strftime('%Y-%m-%d')}. Command:"
             f" `python benchmarks/end_to_end.py {flags}`.\n\n{described}\n\n" + "\n\n".join(parts),
         )
         print(f"\nwrote {RESULTS}")
