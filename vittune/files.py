@@ -68,9 +68,7 @@ def atomic_write(
     for stale in folder.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
         if not _writer_alive(stale):  # another live process may be writing the same file
             stale.unlink(missing_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        dir=folder, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
-    )
+    handle, temp_name = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(handle)
     temp = Path(temp_name)
     try:
@@ -96,7 +94,7 @@ def atomic_link(source: Path, path: Path) -> bool:
     FUSE mounts); the caller then writes the file. The temp name is atomic_write's, so a kill
     between link and rename leaves a leftover that the next write of `path` removes.
     """
-    temp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    temp = path.parent / f"{_temp_prefix(path)}{secrets.token_hex(4)}.tmp"
     try:
         os.link(source, temp)
     except OSError:
@@ -108,6 +106,12 @@ def atomic_link(source: Path, path: Path) -> bool:
         raise
     _fsync(path.parent)
     return True
+
+
+def _temp_prefix(path: Path) -> str:
+    """`.<name>.<pid>.`: a temp file's name before its random part and `.tmp`; the pid lets
+    a later write tell a dead writer's leftover from a live writer's file (`_writer_alive`)."""
+    return f".{path.name}.{os.getpid()}."
 
 
 def _writer_alive(temp: Path) -> bool:
@@ -152,12 +156,10 @@ def is_write_failure(err: BaseException) -> bool:
     """Whether `err` (or what caused it) is a write that the storage refused."""
     if any(number in NO_SPACE for number in _errnos(err)):
         return True
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, RuntimeError) and any(m in str(seen) for m in TORCH_WRITE_FAILURES):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(
+        isinstance(e, RuntimeError) and any(m in str(e) for m in TORCH_WRITE_FAILURES)
+        for e in _chain(err)
+    )
 
 
 # Rust's io::Error as libraries written in Rust report it (safetensors' SafetensorError: "I/O
@@ -165,15 +167,21 @@ def is_write_failure(err: BaseException) -> bool:
 RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def _errnos(err: BaseException) -> Iterator[int]:
-    """The errno of `err` and of each error that caused it, from OSError or a Rust message."""
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """`err`, then the error that caused it, and so on."""
     seen: BaseException | None = err
     while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _errnos(err: BaseException) -> Iterator[int]:
+    """The errno of `err` and of each error that caused it, from OSError or a Rust message."""
+    for seen in _chain(err):
         if isinstance(seen, OSError) and seen.errno is not None:
             yield seen.errno
         elif match := RUST_OS_ERROR.search(str(seen)):
             yield int(match[1])
-        seen = seen.__cause__ or seen.__context__
 
 
 def storage_error(path: Path, needed: int, err: BaseException) -> StorageError:
