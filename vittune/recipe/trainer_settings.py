@@ -59,11 +59,11 @@ def _devices_problem(devices: object) -> str | None:
 
 def requested_devices(devices: int | str | list[int]) -> int | None:
     """How many devices a valid `trainer.devices` asks for, read as Lightning reads it (2,
-    "2", [0, 1] and "0,1" are two; "1," is device 1); None for all (-1) and for auto."""
+    "2", [0, 1] and "0,1" are two; "1," is device 1); -1 for all of them, None for auto."""
     if isinstance(devices, list):
         return len(devices)
     text = str(devices).strip()
-    if text in ("auto", "-1"):
+    if text == "auto":
         return None
     if "," in text:
         return len([p for p in text.split(",") if p.strip()])

@@ -33,10 +33,8 @@ def sweep_config(recipe: Recipe) -> SweepConfig:
             "the recipe has no sweep.space to search; add e.g."
             " 'sweep.space={optim.lr: {loguniform: [1.0e-4, 3.0e-3]}}' (docs/sweeps.md)"
         )
-    devices = recipe.trainer.devices
-    count = requested_devices(devices)
-    every = count is None and str(devices).strip() != "auto"  # -1: all of them
-    if every or (count or 1) > 1 or recipe.trainer.num_nodes > 1:
+    # auto becomes one device per trial (trial_recipe); -1 (all) or several are refused
+    if requested_devices(recipe.trainer.devices) not in (None, 1) or recipe.trainer.num_nodes > 1:
         raise RecipeError(
             "a sweep trains each trial on one device; set trainer.devices=1 and start one"
             " `vittune sweep --study NAME` worker per GPU (docs/sweeps.md)"
