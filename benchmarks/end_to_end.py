@@ -205,18 +205,22 @@ class Setup:
 
 def make_digits(root: Path, seed: int) -> None:
     """scikit-learn's 1,797 8x8 digits as grey PNGs in `root/{train,val,test}/<digit>/`
-    (70/15/15, a seeded shuffle): the quickstart's data, with a test split scored at the end."""
-    from sklearn.datasets import load_digits
+    (70/15/15, a seeded shuffle): the quickstart's data, with a test split scored at the end.
+    The PNGs are vittune's own export of the digits (`data.builtin: digits`), moved into split
+    folders."""
+    from vittune.data.builtin import export_digits
 
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    n_val = n_test = round(0.15 * len(order))
+    exported = export_digits(root / "all")
+    files = sorted(exported.glob("*/*.png"), key=lambda p: int(p.stem))  # <digit>/<index>.png
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_val = n_test = round(0.15 * len(files))
     for rank, index in enumerate(order):
         split = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-        folder = root / split / str(digits.target[index])
+        source = files[index]
+        folder = root / split / source.parent.name
         folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.round(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)  # 0..16
-        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+        source.rename(folder / source.name)
+    shutil.rmtree(exported)
 
 
 def digits_setup(data: Path, epochs: int) -> Setup:
