@@ -4,6 +4,7 @@ space and the space needed; the previous checkpoint is whole and loads."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -112,3 +113,47 @@ def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(
     assert last["global_step"] >= 1
     assert max(int(r["step"]) for r in read_metrics(run_dir)) + 1 >= last["global_step"]
     assert not list(run_dir.rglob("*.tmp"))
+
+
+WRITE_ADAPTER_UNDER_LIMIT = """
+import resource, signal, sys, timm, torch
+from pathlib import Path
+from vittune.errors import StorageError
+from vittune.models.adapters import apply_peft
+from vittune.models.adapters.export_weights import exported_weights, write_adapter
+from vittune.recipe.schema import PeftConfig
+run_dir, method = Path(sys.argv[1]), sys.argv[2]
+model = timm.create_model(
+    "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+    num_classes=3,
+)
+cfg = PeftConfig(method=method)
+apply_peft(model, cfg)
+weights = exported_weights(model, cfg, model.state_dict())
+write_adapter(weights, cfg, run_dir, "test")  # fits
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000, 1_000))
+try:
+    write_adapter(weights, cfg, run_dir, "test")
+except StorageError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf"])  # peft's save_pretrained, our safetensors
+def test_a_refused_adapter_write_is_one_line_and_keeps_the_previous_adapter(
+    tmp_path: Path, method: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WRITE_ADAPTER_UNDER_LIMIT, str(tmp_path), method],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stdout.strip()
+    assert line.startswith(f"cannot write {tmp_path / 'adapter'}: the write was refused"), line
+    assert "(the previous file is kept, whole)" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no partial folder left
+    tensors = [p for p in (tmp_path / "adapter").iterdir() if p.suffix == ".safetensors"]
+    assert len(tensors) == 1 and safetensors.torch.load_file(str(tensors[0]))  # whole, loads

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vittune.files import is_write_failure, storage_error
 from vittune.models.adapters import is_mergeable, merged_model, save_adapter
 from vittune.models.weights import LIGHTNING_PREFIX, read_state_dict
 from vittune.recipe.schema import PeftConfig
@@ -43,10 +44,22 @@ def exported_weights(
 
 
 def write_adapter(weights: ExportedWeights, cfg: PeftConfig, run_dir: Path, base: str) -> Path:
-    """`adapter/` beside the export, replaced whole (written aside first, then renamed)."""
+    """`adapter/` beside the export, replaced whole (written aside first, then renamed); a
+    write the storage refuses is one StorageError line, and the earlier `adapter/` is kept."""
     final, scratch = run_dir / "adapter", run_dir / ".adapter.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    save_adapter(weights.adapted, cfg, scratch, base)
+    try:
+        save_adapter(weights.adapted, cfg, scratch, base)
+    except BaseException as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if is_write_failure(err):
+            raise storage_error(final, _adapter_bytes(weights.adapted), err) from None
+        raise
     shutil.rmtree(final, ignore_errors=True)
     scratch.rename(final)
     return final
+
+
+def _adapter_bytes(model: nn.Module) -> int:
+    """About what `adapter/` holds: the trainable tensors (the files add a little JSON)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
