@@ -12,19 +12,29 @@ converting (and resampling) the whole decoded image in float32 (docs/performance
 from __future__ import annotations
 
 import difflib
+import os
 import random
 import warnings
 from typing import Any
 
-import albumentations as A
-import numpy as np
-import torch
-from albumentations.pytorch import ToTensorV2
-from timm.layers import to_2tuple
+# albumentations asks pypi.org for a newer version at import (up to a 2 s timeout, more when
+# DNS hangs) unless told not to: every run, offline cluster nodes included, paid for it.
+# A user who wants the check sets the variable to 0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from timm.layers import to_2tuple  # noqa: E402
 
-from vittune.data.decode import intensity_range, match_channels, scale_intensity, scale_to_range
-from vittune.errors import RecipeError
-from vittune.recipe.schema import AugmentConfig
+from vittune.data.decode import (  # noqa: E402
+    intensity_range,
+    match_channels,
+    scale_intensity,
+    scale_to_range,
+)
+from vittune.errors import RecipeError  # noqa: E402
+from vittune.recipe.schema import AugmentConfig  # noqa: E402
 
 
 class InImageRange(A.Sequential):
