@@ -97,6 +97,44 @@ def test_evaluate_numbers_equal_sklearn_and_plain_timm_on_the_same_predictions(
     assert overall["auroc_macro"] == pytest.approx(
         roc_auc_score(truth, probs, multi_class="ovr", average="macro"), abs=1e-5
     )
+    # The report at the end of training reuses trainer.test's predictions: each row is still
+    # its own file's, as this second, independent pass over the files finds.
+    at_end = rows(trained / "eval" / "test" / "predictions.csv")
+    assert [r["path"] for r in at_end] == [r["path"] for r in predicted]
+    for first, again in zip(at_end, predicted, strict=True):
+        assert first["predicted"] == again["predicted"]
+        for k in (1, 2, 3):
+            assert float(first[f"top{k}_prob"]) == pytest.approx(
+                float(again[f"top{k}_prob"]), abs=1e-5
+            )
+
+
+@pytest.mark.slow
+def test_the_end_of_run_report_reuses_a_whole_test_pass_and_predicts_again_otherwise(
+    trained: Path,
+) -> None:
+    from vittune.inference.evaluate import choose_samples, evaluate_run
+    from vittune.inference.tested_split import TestedSplit
+    from vittune.inference.trained_run import build_trained, load_trained_run
+
+    run = load_trained_run(trained)
+    found, _ = choose_samples(run, "test", False)
+    dataset = build_trained(run, found).datamodule.dataset("val")
+    truth = np.array([CLASSES.index(s.path.parent.name) for s in found.splits["val"]])
+    wrong = np.eye(3)[(truth + 1) % 3]  # [21, 3]: every image confidently wrong
+    reused = evaluate_run(
+        trained, [], "test", name="reused", tested=TestedSplit(dataset, wrong, truth)
+    )
+    assert reused.report.overall["acc1"] == 0.0  # the given predictions, not the model's
+    assert [r["predicted"] for r in rows(reused.folder / "predictions.csv")] == [
+        CLASSES[i] for i in (truth + 1) % 3
+    ]
+    # one image left out of the test pass (unreadable): the rows no longer match the files
+    partial = TestedSplit(dataset, wrong[:-1], truth[:-1])
+    again = evaluate_run(trained, [], "test", name="partial", tested=partial)
+    at_end = json.loads((trained / "eval" / "test" / "metrics.json").read_text())
+    assert again.report.overall["acc1"] == pytest.approx(at_end["overall"]["acc1"])
+    assert again.report.num_samples == 21
 
 
 @pytest.mark.slow

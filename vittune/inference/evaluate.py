@@ -33,6 +33,7 @@ from vittune.evaluation.figures import (
 from vittune.evaluation.prediction_csv import write_predictions
 from vittune.evaluation.report import EvaluationReport, build_report
 from vittune.files import claim_fresh_folder
+from vittune.inference.tested_split import TestedSplit
 from vittune.inference.trained_run import TrainedRun, align_to_run, build_trained, load_trained_run
 
 SPLITS = ("auto", "train", "val", "test", "all")
@@ -276,9 +277,12 @@ def evaluate_run(
     token_merge: list[int] | None = None,
     clinical: ClinicalOptions | None = None,
     scanned: SplitSamples | None = None,
+    tested: TestedSplit | None = None,
 ) -> Evaluation:
     """Score a run; write `RUN/eval/<name>/` (never over an earlier evaluation). `scanned`:
-    the run's data as its training scanned it, when called at the end of that training."""
+    the run's data as its training scanned it, and `tested` that training's test pass of the
+    split, when called at the end of that training (`tested` is used only if it scored every
+    image: with one left out as unreadable, the rows no longer line up with the files)."""
     if split not in SPLITS:
         raise RecipeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     clinical = check_clinical(clinical or ClinicalOptions())
@@ -286,21 +290,25 @@ def evaluate_run(
     run = load_trained_run(run_folder, overrides, weights)
     new_data = any(o.split("=", 1)[0].strip().startswith("data.") for o in overrides)
     found, chosen = choose_samples(run, split, new_data, scanned)
-    assembly = build_trained(run, found)
-    dataset = assembly.datamodule.dataset("val")
     samples: list[Sample] = found.splits["val"]
     cfg = run.recipe.data
     batch = cfg.eval_batch_size or cfg.batch_size
     if token_merge and run.multi_label:
         raise RecipeError("--token-merge reports top-1 accuracy: single-label runs only")
-    scored, failed, probs, targets = predict_dataset(
-        assembly.task, dataset, batch, cfg.num_workers, device_for(device)
-    )
-    merging = (
-        token_merging_table(assembly.task, dataset, batch, device_for(device), token_merge)
-        if token_merge
-        else []
-    )
+    merging: list[dict] = []
+    if tested is not None and not token_merge and len(tested.probs) == len(samples):
+        dataset, probs, targets = tested.dataset, tested.probs, tested.targets
+        scored, failed = list(range(len(samples))), []
+    else:
+        assembly = build_trained(run, found)
+        dataset = assembly.datamodule.dataset("val")
+        scored, failed, probs, targets = predict_dataset(
+            assembly.task, dataset, batch, cfg.num_workers, device_for(device)
+        )
+        if token_merge:
+            merging = token_merging_table(
+                assembly.task, dataset, batch, device_for(device), token_merge
+            )
     report = build_report(
         probs,
         targets.astype(np.int64) if run.multi_label else targets,

@@ -180,8 +180,9 @@ class ClassificationTask(VitTask):
         )
         log_image(self.loggers, "val/confusion_matrix", path)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, self.scored_model())
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The batch's probabilities, for the callbacks (the run's test report reuses them)."""
+        return self._evaluate(batch, self.test_metrics, self.scored_model())
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics.log(self)

@@ -21,6 +21,7 @@ from vittune.data.groups import write_splits
 from vittune.deploy.timm_folder import export_best
 from vittune.errors import Preempted
 from vittune.files import atomic_write
+from vittune.inference.tested_split import TestedSplit
 from vittune.recipe.schema import Command, Recipe
 from vittune.tasks.assembly import build
 from vittune.tasks.callbacks import GradualUnfreeze
@@ -124,11 +125,11 @@ def train_in_folder(
     score = checkpoint.best_model_score
     result.best_score = float(score) if score is not None else None
     best, last = checkpoint.best_model_path, run_dir / "checkpoints" / "last.ckpt"
-    tests = {}
+    tests, tested = {}, None
     if "test" in assembly.datamodule.found.splits and command != "pretrain-mae":
         chosen = {"test_last": last} if recipe.checkpoint.test_last and last.is_file() else {}
         chosen["test"] = Path(best) if best else last  # the exported weights
-        tests = test_weights(trainer, assembly, chosen)
+        tests, tested = test_weights(trainer, assembly, chosen)
     if trainer.is_global_zero:
         result.export_path = export_best(
             assembly, recipe, command, best, run_dir, metrics=tests.get("test")
@@ -144,9 +145,10 @@ def train_in_folder(
                 log,
                 "best" if best else "last; no best checkpoint",
                 assembly.datamodule.found,
+                tested,
             )
             # written again with the report's AUROC interval; the first write above keeps the
-            # run's numbers on disk should the report (a second pass over the test split) fail
+            # run's numbers on disk should the report fail
             if ci95 is not None:
                 result.metrics = write_metrics_json(run_dir, checkpoint, tests, ci95)
         send_to_wandb(trainer, run_dir, result.export_path, bool(best), final_lr, report)
@@ -178,6 +180,7 @@ def log_tests(
     log: Callable[[str], None],
     exported: str = "best",
     scanned: SplitSamples | None = None,
+    tested: TestedSplit | None = None,
 ) -> tuple[Path, list[float] | None]:
     """Print the test numbers, and save the full test report (per class, confusion matrix,
     calibration, mistakes) of the exported weights in eval/test/, as `vittune evaluate` does.
@@ -188,7 +191,7 @@ def log_tests(
         weights = "last" if name == "test_last" else exported
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
         log(f"  {name} ({weights} weights): {shown}")
-    report = evaluate_run(run_dir, [], split="test", name="test", scanned=scanned)
+    report = evaluate_run(run_dir, [], split="test", name="test", scanned=scanned, tested=tested)
     low, high = report.clinical.get("auroc_macro_ci95", (None, None))
     if low is not None:
         log(
