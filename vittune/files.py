@@ -27,6 +27,26 @@ from vittune.errors import RecipeError, StorageError
 RUN_DIR_FIX = "point logging.run_dir at a writable folder"
 
 
+def folder_name_problem(name: str) -> str | None:
+    """Why `name` cannot name one folder inside another (None when it can): a run or
+    evaluation name with a separator or `..` would put its files outside the folder meant
+    for them (`logging.name=../../etc/x`)."""
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    if name in (".", ".."):
+        return "is not a folder name"
+    return None
+
+
+def check_folder_name(name: str, option: str) -> str:
+    """`name`, or a one-line user error naming `option`."""
+    if problem := folder_name_problem(name):
+        raise RecipeError(f"{option} {name!r} {problem}; give a plain folder name such as run-1")
+    return name
+
+
 def make_folder(path: Path, kind: str = "run folder", fix: str = RUN_DIR_FIX) -> bool:
     """mkdir that reports whether it made the folder; a user error when it cannot."""
     try:

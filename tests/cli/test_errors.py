@@ -38,6 +38,8 @@ def folder(tmp_path: Path) -> Path:
         (["trainer.max_epochs=[1]"], "recipe key `trainer.max_epochs`"),
         (["model.img_size=36", "model.patch_size=8"], "not divisible by model.patch_size 8"),
         (["optim"], "not of the form section.key=value"),
+        (["logging.name=../escaped"], "`logging.name`: Value error, holds a path separator"),
+        (["logging.name=.."], "`logging.name`: Value error, is not a folder name"),
     ],
 )
 def test_recipe_mistakes(tmp_path: Path, folder: Path, overrides: list[str], expected: str) -> None:
@@ -46,6 +48,7 @@ def test_recipe_mistakes(tmp_path: Path, folder: Path, overrides: list[str], exp
     line = one_line_error(run("finetune", str(recipe), *tiny(*overrides), cwd=tmp_path))
     assert expected in line
     assert not (tmp_path / "runs").exists()  # nothing was started
+    assert not (tmp_path / "escaped").exists()
 
 
 def test_python_object_tags_are_refused(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from vittune.files import folder_name_problem
+
 Command = Literal["finetune", "pretrain-mae", "distill"]
 
 
@@ -204,6 +206,13 @@ class LoggingConfig(Section):
     group: str | None = None  # W&B run group (a sweep's trials share the sweep's name)
     # save the attention maps of a few fixed validation images every n epochs (ViTs)
     attention_every_n_epochs: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str | None) -> str | None:
+        if value is not None and (problem := folder_name_problem(value)):
+            raise ValueError(f"{problem}; give a plain folder name such as run-1")
+        return value
 
 
 class FreezeConfig(Section):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vittune.errors import Preempted, RecipeError, VittuneError
+from vittune.files import check_folder_name
 from vittune.recipe.schema import Command, Recipe
 from vittune.search.objective import TrialFailed, run_trial
 from vittune.search.results import SweepResult
@@ -48,8 +49,8 @@ def default_sweep_name(recipe: Recipe, recipe_path: str | Path) -> str:
 
 
 def sweep_folder(recipe: Recipe, recipe_path: str | Path, study_name: str | None) -> Path:
-    name = study_name or default_sweep_name(recipe, recipe_path)
-    folder = Path(recipe.logging.run_dir) / name
+    name = check_folder_name(study_name, "--study") if study_name else None
+    folder = Path(recipe.logging.run_dir) / (name or default_sweep_name(recipe, recipe_path))
     if (folder / "recipe.yaml").is_file():
         raise RecipeError(
             f"{folder} is a training run folder, not a sweep; name the sweep with --study NAME"
