@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from conftest import make_class_images, run_cli
-from helpers import ONE_THREAD
+from helpers import ONE_THREAD, run_in_process
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
@@ -194,18 +194,20 @@ def test_evaluate_refuses_what_is_not_a_classification_run(tmp_path: Path) -> No
 def test_attention_maps_during_training_and_from_the_command(trained: Path) -> None:
     saved = sorted((trained / "attention").glob("epoch_*/image_*.png"))
     assert [p.parent.name for p in saved] == ["epoch_002"] * 4  # every 3rd epoch, 4 images
-    test_dir = trained.parents[1] / "data" / "test" / "b"
+    test_dir = trained.parents[1] / "data" / "test"
     out = trained.parents[1] / "maps"
     broken = trained.parents[1] / "broken-attention.png"
     broken.write_bytes(b"\x89PNG\r\n")
     result = run_cli(
-        "attention", str(trained), str(test_dir), str(broken), "--out", str(out),
-        "--head-fusion", "max", "--discard-ratio", "0.5", cwd=trained, env=ONE_THREAD,
+        "attention", str(trained), str(test_dir / "a"), str(test_dir / "b"), str(broken),
+        "--out", str(out), "--head-fusion", "max", "--discard-ratio", "0.5",
+        cwd=trained, env=ONE_THREAD,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "7 image(s)" in result.stdout and "skipped" in result.stderr
+    assert "14 image(s)" in result.stdout and "skipped" in result.stderr
+    # both class folders hold files of the same names: one figure each, none overwritten
     pictures = sorted(out.glob("*_attention.png"))
-    assert len(pictures) == 7
+    assert len(pictures) == 14 and {p.name.split("_")[0] for p in pictures} == {"a", "b"}
     assert plt_image_shape(pictures[0])[0] > 100  # a real figure, not an empty file
 
 
@@ -229,3 +231,28 @@ def test_evaluate_with_token_merging_reports_each_r_beside_r_zero(trained: Path)
     assert [r["tokens_last_block"] for r in rows] == [16, 14, 10]  # 4x4 grid, 2 blocks
     assert rows[0]["acc1"] == pytest.approx(report["overall"]["acc1"])  # r = 0: the model
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["predict", "{run}", "{image}", "--batch-size", "-3"], "--batch-size must be at least 1"),
+        (["predict", "{run}", "{image}", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["predict", "{run}", "{image}", "--out", "{folder}"], "is a folder; give a file"),
+        (["predict", "{run}", "{image}", "--device", "foo"], "--device must be auto, cpu, cuda"),
+        # no GPU here: none visible; on a GPU machine: not that many
+        (["predict", "{run}", "{image}", "--device", "cuda:99"], "--device cuda:99: "),
+        (["evaluate", "{run}", "--device", "tpu"], "--device must be auto, cpu, cuda"),
+        (["evaluate", "{run}", "--name", "../elsewhere"], "holds a path separator"),
+    ],
+)
+def test_option_mistakes_of_predict_and_evaluate_are_one_line(
+    trained: Path, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    image = next((trained.parents[1] / "data" / "test" / "a").glob("*.png"))
+    filled = [a.format(run=trained, image=image, folder=tmp_path) for a in args]
+    result = run_in_process(*filled, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (trained / "elsewhere").exists() and not (trained.parent / "elsewhere").exists()

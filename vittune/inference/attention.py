@@ -33,7 +33,8 @@ def attention_for_files(
     cfg = run.recipe.data
     out = Path(out)
     written, failed = [], []
-    for path in expand_inputs(inputs):
+    paths = expand_inputs(inputs)
+    for path, name in zip(paths, figure_names(paths), strict=True):
         try:
             pixels = read_image(
                 path,
@@ -56,10 +57,28 @@ def attention_for_files(
                 display_image(image[0], assembly.mean, assembly.std),
                 heads[0].numpy(),
                 rollout[0].numpy(),
-                out / f"{path.stem}_attention.png",
+                out / f"{name}_attention.png",
                 title,
             )
         )
     if not written:
         raise DataError(f"no input image could be read; the first: {failed[0]}")
     return written, failed
+
+
+def figure_names(paths: list[Path]) -> list[str]:
+    """One name per input, never two alike: the file's stem, preceded by as many of its
+    folders as it takes to tell apart inputs that share a stem (class folders that each hold
+    a 0.png: `a_0`, `b_0`). The same file given twice gets `-2`."""
+    parts = [(*p.parent.parts, p.stem) for p in paths]
+    deepest = max((len(p) for p in parts), default=1)
+    for depth in range(1, deepest + 1):
+        names = ["_".join(p[-depth:]).lstrip("/_") or "image" for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    seen: dict[str, int] = {}
+    unique = []
+    for name in (p[-1] for p in parts):
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return unique

@@ -32,7 +32,7 @@ from vittune.evaluation.figures import (
 )
 from vittune.evaluation.prediction_csv import write_predictions
 from vittune.evaluation.report import EvaluationReport, build_report
-from vittune.files import claim_fresh_folder
+from vittune.files import check_folder_name, claim_fresh_folder
 from vittune.inference.tested_split import TestedSplit
 from vittune.inference.trained_run import TrainedRun, align_to_run, build_trained, load_trained_run
 
@@ -76,9 +76,24 @@ def _collate(items: list[tuple[int, object]]) -> tuple[list[int], list[int], obj
 
 
 def device_for(choice: str = "auto") -> torch.device:
+    """The torch device `--device` names; a user error when it names none, or one not here."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RecipeError(f"--device {choice}: no CUDA GPU is visible here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise RecipeError(
+                f"--device {choice}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})"
+            )
+    elif device.type != "cpu":
+        raise RecipeError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}")
+    return device
 
 
 @torch.no_grad()
@@ -285,6 +300,9 @@ def evaluate_run(
     image: with one left out as unreadable, the rows no longer line up with the files)."""
     if split not in SPLITS:
         raise RecipeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if name is not None:
+        check_folder_name(name, "--name")
+    on_device = device_for(device)  # refused here, before any work, when not available
     clinical = check_clinical(clinical or ClinicalOptions())
     overrides = list(overrides or [])
     run = load_trained_run(run_folder, overrides, weights)
@@ -303,12 +321,10 @@ def evaluate_run(
         assembly = build_trained(run, found)
         dataset = assembly.datamodule.dataset("val")
         scored, failed, probs, targets = predict_dataset(
-            assembly.task, dataset, batch, cfg.num_workers, device_for(device)
+            assembly.task, dataset, batch, cfg.num_workers, on_device
         )
         if token_merge:
-            merging = token_merging_table(
-                assembly.task, dataset, batch, device_for(device), token_merge
-            )
+            merging = token_merging_table(assembly.task, dataset, batch, on_device, token_merge)
     report = build_report(
         probs,
         targets.astype(np.int64) if run.multi_label else targets,
@@ -338,7 +354,7 @@ def evaluate_run(
         picked, _ = choose_samples(own, "val", False)
         built = build_trained(own, picked)
         val = built.datamodule.dataset("val")
-        return predict_dataset(built.task, val, batch, cfg.num_workers, device_for(device))[2:]
+        return predict_dataset(built.task, val, batch, cfg.num_workers, on_device)[2:]
 
     groups = [samples[i].group for i in scored]
     result.clinical = clinical_numbers(

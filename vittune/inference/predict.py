@@ -101,6 +101,13 @@ def predict_files(
         raise RecipeError(f"--threshold must be between 0 and 1, got {threshold}")
     if top_k < 1:
         raise RecipeError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size is not None and batch_size < 1:
+        raise RecipeError(f"--batch-size must be at least 1, got {batch_size}")
+    if Path(out).is_dir():
+        raise RecipeError(
+            f"--out {out} is a folder; give a file, e.g. {Path(out) / 'predictions.csv'}"
+        )
+    target = device_for(device)  # refused here, before any work, when not available
     run = load_trained_run(run_folder, [], weights)
     saved = load_operating_point(run.folder)
     paths = expand_inputs(inputs)
@@ -116,12 +123,11 @@ def predict_files(
     )
     loader = DataLoader(
         files,
-        batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size,
+        batch_size=batch_size if batch_size is not None else cfg.eval_batch_size or cfg.batch_size,
         num_workers=cfg.num_workers,
         collate_fn=_collate,
         worker_init_fn=ignore_stop_signals,
     )
-    target = device_for(device)
     task.to(target).eval()
     probs = np.full((len(paths), len(run.classes)), np.nan, dtype=np.float32)
     errors: list[str | None] = [None] * len(paths)
