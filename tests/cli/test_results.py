@@ -171,6 +171,7 @@ def test_evaluate_on_other_data_aligns_classes_by_name(trained: Path, tmp_path: 
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((trained / "eval" / "new" / "metrics.json").read_text())
     assert report["split"] == "all" and report["num_samples"] == 8
+    assert report["overrides"] == [f"data.root={tmp_path / 'new'}"]  # recorded with the numbers
     supports = {r["name"]: r["support"] for r in report["per_class"]}
     assert supports == {"a": 4, "b": 0, "c": 4}
     make_class_images(tmp_path / "other", {"a": 2, "zebra": 2}, seed=6)
@@ -244,6 +245,8 @@ def test_evaluate_with_token_merging_reports_each_r_beside_r_zero(trained: Path)
         (["predict", "{run}", "{image}", "--device", "cuda:99"], "--device cuda:99: "),
         (["evaluate", "{run}", "--device", "tpu"], "--device must be auto, cpu, cuda"),
         (["evaluate", "{run}", "--name", "../elsewhere"], "holds a path separator"),
+        (["evaluate", "{run}", "model.img_size=64"], "data.* overrides only (the images"),
+        (["evaluate", "{run}", "optim.lr=0.1"], "data.* overrides only (the images"),
     ],
 )
 def test_option_mistakes_of_predict_and_evaluate_are_one_line(

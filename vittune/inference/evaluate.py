@@ -281,6 +281,19 @@ def write_outputs(
         )
 
 
+def check_data_overrides(overrides: list[str]) -> None:
+    """evaluate scores the run as it was trained: overrides may name other data (and how to
+    read it), never the model (model.img_size=64 silently resampled the position embedding,
+    model.in_chans=1 summed the patch embedding) or the training."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if not key.startswith("data."):
+            raise RecipeError(
+                f"evaluate takes data.* overrides only (the images to score and how to read"
+                f" them), got {key}; it scores the run's model as trained"
+            )
+
+
 def evaluate_run(
     run_folder: str | Path,
     overrides: list[str] | None = None,
@@ -302,6 +315,7 @@ def evaluate_run(
         raise RecipeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if name is not None:
         check_folder_name(name, "--name")
+    check_data_overrides(overrides or [])
     on_device = device_for(device)  # refused here, before any work, when not available
     clinical = check_clinical(clinical or ClinicalOptions())
     overrides = list(overrides or [])
@@ -365,6 +379,7 @@ def evaluate_run(
         "weights": str(run.weights),
         "data": str(source),
         "split": chosen,
+        "overrides": list(overrides),
         "skipped_files": [str(p) for p in result.skipped],
         "token_merging": merging,
     }
