@@ -113,6 +113,37 @@ def test_splits_csv_records_and_reproduces_a_split(tmp_path: Path) -> None:
         assert {s.path for s in reused.splits[split]} == {s.path for s in found.splits[split]}
 
 
+def test_a_train_fraction_split_is_reused_exactly_and_can_be_subset_again(tmp_path: Path) -> None:
+    root = _patients(tmp_path / "data")
+    found = scan_sources(DataConfig(root=str(root), val_fraction=0.25, train_fraction=0.3))
+    write_splits(tmp_path / "splits.csv", found)
+    with (tmp_path / "splits.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    unused = {Path(r["path"]) for r in rows if r["split"] == "unused"}
+    assert len(rows) == 96 and len(unused) == 72 - len(found.splits["train"])  # every image
+    # the same recipe with the file: the same subset, not a subset of the subset
+    again = scan_sources(
+        DataConfig(
+            root=str(root),
+            val_fraction=0.25,
+            train_fraction=0.3,
+            splits_from=str(tmp_path / "splits.csv"),
+        )
+    )
+    for split in ("train", "val"):
+        assert {s.path for s in again.splits[split]} == {s.path for s in found.splits[split]}
+    assert {s.path for s in again.unused} == unused
+    # the split of a full run, with a train fraction now: that split's train images, subset
+    full = scan_sources(DataConfig(root=str(root), val_fraction=0.25))
+    write_splits(tmp_path / "full.csv", full)
+    subset = scan_sources(
+        DataConfig(root=str(root), train_fraction=0.5, splits_from=str(tmp_path / "full.csv"))
+    )
+    assert {s.path for s in subset.splits["val"]} == {s.path for s in full.splits["val"]}
+    kept = {s.path for s in subset.splits["train"]}
+    assert kept < {s.path for s in full.splits["train"]} and len(kept) == 36
+
+
 def test_bad_group_settings_are_one_line_errors(tmp_path: Path) -> None:
     root = _patients(tmp_path / "data", count=6)
     with pytest.raises(DataError, match="matches no group in 24 path"):

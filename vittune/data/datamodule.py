@@ -84,7 +84,7 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
     missing = "val" not in found.splits or (cfg.test_fraction and "test" not in found.splits)
     if missing and not cfg.splits_from:  # a splits file is used exactly as written
         carve(found, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, grouped)
-    if cfg.train_fraction < 1.0:
+    if cfg.train_fraction < 1.0 and not found.unused:  # a splits file's subset is used as is
         # Same stratified splitter: the "val" part of a (1 - fraction) split is the subset we keep.
         _, kept = stratified_split(found.splits["train"], cfg.train_fraction, cfg.split_seed + 1)
         # The splitter never holds out a class's only image, so such a class would vanish from
@@ -95,6 +95,8 @@ def scan_sources(cfg: DataConfig) -> SplitSamples:
             raise DataError(
                 f"data.train_fraction {cfg.train_fraction} keeps no training image; raise it"
             )
+        kept_paths = {s.path for s in kept}
+        found.unused = [s for s in found.splits["train"] if s.path not in kept_paths]
         found.splits["train"] = kept
     return found
 

@@ -40,6 +40,8 @@ class SplitSamples:
     classes: list[str]
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     refused: dict[Path, str] = field(default_factory=dict)  # path -> why it cannot be used
+    # training images that data.train_fraction leaves out (splits.csv lists them as `unused`)
+    unused: list[Sample] = field(default_factory=list)
 
     @classmethod
     def classes_only(cls, classes: list[str]) -> SplitSamples:

@@ -122,6 +122,11 @@ def carve(
     found.splits["train"] = pool
 
 
+# The split of training images that data.train_fraction left out: listed, so that the file
+# names every image of the data and a run that reuses it (data.splits_from) finds them all.
+UNUSED = "unused"
+
+
 def write_splits(path: Path, found: SplitSamples) -> None:
     """`splits.csv`: one row per image (path, split, labels, group), for audits and reuse.
 
@@ -130,10 +135,10 @@ def write_splits(path: Path, found: SplitSamples) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "split", "labels", "group"])
-        for split in SPLITS:
-            for sample in found.splits.get(split, []):
-                labels = ";".join(found.classes[i] for i in sample.labels)
-                writer.writerow([str(sample.path), split, labels, sample.group or ""])
+        listed = [(split, s) for split in SPLITS for s in found.splits.get(split, [])]
+        for split, sample in [*listed, *((UNUSED, s) for s in found.unused)]:
+            labels = ";".join(found.classes[i] for i in sample.labels)
+            writer.writerow([str(sample.path), split, labels, sample.group or ""])
 
 
 def apply_splits_file(found: SplitSamples, splits_csv: str | Path) -> None:
@@ -157,5 +162,6 @@ def apply_splits_file(found: SplitSamples, splits_csv: str | Path) -> None:
         split: [s for s, where in located if chosen[where] == split] for split in SPLITS
     }
     found.splits = {k: v for k, v in found.splits.items() if v}
+    found.unused = [s for s, where in located if chosen[where] == UNUSED]
     if "train" not in found.splits or "val" not in found.splits:
         raise DataError(f"data.splits_from {splits_csv} gives no train or no val images")
