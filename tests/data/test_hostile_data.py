@@ -33,6 +33,19 @@ def test_a_zero_byte_image_is_one_line_and_left_out_or_refused(tmp_path: Path) -
         scan_sources(strict)
 
 
+def test_a_class_of_unreadable_files_only_is_refused_not_trained_empty(tmp_path: Path) -> None:
+    make_class_images(tmp_path / "d", {"a": 6, "b": 6}, size=16)
+    (tmp_path / "d" / "c").mkdir()
+    (tmp_path / "d" / "c" / "corrupt.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"class 'c' has no readable image \(e.g. cannot decode"):
+        scan_sources(DataConfig(root=str(tmp_path / "d"), val_fraction=0.25))
+    (tmp_path / "d" / "c" / "fine.png").write_bytes(
+        (tmp_path / "d" / "a" / "0000.png").read_bytes()
+    )
+    found = scan_sources(DataConfig(root=str(tmp_path / "d"), val_fraction=0.25))
+    assert found.classes == ["a", "b", "c"] and len(found.refused) == 1  # one good file: kept
+
+
 def write_csv(path: Path, rows: list[str]) -> Path:
     path.write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return path

@@ -59,6 +59,7 @@ def drop_unreadable(
     is in no split size. Only headers are read (non-images, truncated headers and
     decompression bombs are caught); pixel data that fails later is dropped by `SkipCorrupt`.
     """
+    readable, first_refusal = set(), {}  # class index -> one reason its files failed
     for split, entries in found.splits.items():
         kept, reasons = [], []
         for sample in entries:
@@ -69,11 +70,21 @@ def drop_unreadable(
                     raise DataError(f"{err} (data.on_corrupt: error)") from None
                 found.refused[sample.path] = str(err)
                 reasons.append(str(err))
+                for label in sample.labels:
+                    first_refusal.setdefault(label, str(err))
                 continue
             kept.append(sample)
+            readable.update(sample.labels)
         if entries and not kept:
             raise DataError(f"no image of the {split} split can be read; the first: {reasons[0]}")
         found.splits[split] = kept
+    # a class whose every file is unreadable would train as a class with no images
+    for label, reason in first_refusal.items():
+        if label not in readable:
+            raise DataError(
+                f"class {found.classes[label]!r} has no readable image (e.g. {reason});"
+                " replace its files or remove the class"
+            )
     return found
 
 
