@@ -10,11 +10,14 @@ from torch import nn
 from vittune.errors import RecipeError
 
 
-def per_channel(values: Sequence[float], channels: int, key: str) -> tuple[float, ...]:
+def per_channel(
+    values: Sequence[float], channels: int, key: str, given: bool = True
+) -> tuple[float, ...]:
     """Statistics for `channels` channels: as given, one value repeated, or RGB averaged to grey.
 
     Any other count (RGB statistics for a 4-channel model, say) has no obvious meaning, so it
-    is a one-line error naming the recipe `key` to set instead of a silent guess.
+    is a one-line error naming the recipe `key` to set instead of a silent guess. `given`:
+    whether the recipe set `key` (else the values are the backbone's pretrained defaults).
     """
     values = tuple(float(v) for v in values)
     if len(values) == channels:
@@ -23,8 +26,12 @@ def per_channel(values: Sequence[float], channels: int, key: str) -> tuple[float
         return values * channels
     if channels == 1:
         return (sum(values) / len(values),)
+    source = f"{len(values)} {key} values" if given else (
+        f"{key} is not set, and the backbone's pretrained default has {len(values)} values"
+    )  # fmt: skip
     raise RecipeError(
-        f"{len(values)} {key} values cannot describe {channels} channels; set {key} with one value per channel"
+        f"{source}, which cannot describe {channels} channels (model.in_chans {channels});"
+        f" set {key} with one value per channel, or check model.in_chans against the images"
     )
 
 
@@ -38,6 +45,6 @@ def resolve_normalisation(
     """The recipe's mean/std where given, else the backbone's pretrained config (timm's resolver)."""
     resolved = timm.data.resolve_model_data_config(model)
     return (
-        per_channel(mean or resolved["mean"], in_chans, f"{key}.mean"),
-        per_channel(std or resolved["std"], in_chans, f"{key}.std"),
+        per_channel(mean or resolved["mean"], in_chans, f"{key}.mean", bool(mean)),
+        per_channel(std or resolved["std"], in_chans, f"{key}.std", bool(std)),
     )
