@@ -17,7 +17,7 @@ from vittune.evaluation.clinical import (
     rates_with_intervals,
     stratified_resamples,
 )
-from vittune.evaluation.clinical_report import clinical_report, format_clinical
+from vittune.evaluation.clinical_report import auroc_section, clinical_report, format_clinical
 
 
 def _binary(n: int = 600, separation: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -193,3 +193,14 @@ def test_large_evaluations_skip_cis_unless_asked(tmp_path) -> None:
         None,
     )
     assert small["bootstrap"]["resamples"] == 1000 and small["auroc_macro_ci95"][0] is not None
+
+
+def test_the_console_line_names_the_bootstrap_that_was_run() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.random((40, 3))
+    multi_hot = (rng.random((40, 3)) > 0.5).astype(int)  # multi-label: one stratum
+    one_hot = np.eye(3, dtype=int)[rng.integers(0, 3, 40)]
+    plain = format_clinical(auroc_section(probs, multi_hot, ["a", "b", "c"], 50, 0))
+    stratified = format_clinical(auroc_section(probs, one_hot, ["a", "b", "c"], 50, 0))
+    assert "(plain bootstrap, 50 resamples)" in plain.splitlines()[0]
+    assert "(stratified bootstrap, 50 resamples)" in stratified.splitlines()[0]

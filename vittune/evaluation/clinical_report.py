@@ -173,9 +173,10 @@ def format_clinical(report: dict) -> str:
         return report["skipped"]
     low, high = report["auroc_macro_ci95"]
     macro = report["auroc_macro"]
+    kind = "stratified" if report["bootstrap"]["stratified_by"] == "class" else "plain"
     lines = [
         f"AUROC macro {macro:.4f}, 95% CI [{low:.4f}, {high:.4f}] "
-        f"(stratified bootstrap, {report['bootstrap']['resamples']} resamples)"
+        f"({kind} bootstrap, {report['bootstrap']['resamples']} resamples)"
         if macro is not None and low is not None
         else "AUROC macro: undefined (a class without positives or negatives)"
     ]
