@@ -115,7 +115,7 @@ def scan_folder(root: str | Path, labelled: bool = True) -> SplitSamples:
     root = Path(root)
     if not root.is_dir():
         raise DataError(
-            f"data.root {root} does not exist or is not a folder; fix the path in the recipe"
+            f"data.root {root} does not exist or is not a folder; fix the path in the recipe, or give it as data.root=PATH"
         )
     if not labelled:
         images = _images_under(root, recursive=True)
@@ -156,7 +156,9 @@ def scan_csv(
     folder."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise DataError(f"data.csv {csv_path} does not exist; fix the path in the recipe")
+        raise DataError(
+            f"data.csv {csv_path} does not exist; fix the path in the recipe, or give it as data.csv=PATH"
+        )
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
