@@ -1,7 +1,8 @@
 """`vittune serve` as a user runs it: the console script in a subprocess on a free loopback port,
 called over HTTP. Served answers equal `vittune predict`'s for the same files, every bad input
-is a 4xx JSON error while the server keeps serving, a 200-request burst loses nothing, and
-SIGTERM during a burst answers the requests in flight. The API's batch handling and the ONNX /
+is a 4xx JSON error while the server keeps serving, a 200-request burst loses nothing,
+SIGTERM during a burst answers the requests in flight, Ctrl+C to the process group stops without
+a traceback, and a busy port or a missing GPU is one line. The API's batch handling and the ONNX /
 int8 models are also checked in-process on the same trained run."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import csv
 import hashlib
 import json
+import os
 import signal
 import socket
 import struct
@@ -24,6 +26,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import torch
 from conftest import VITTUNE, make_class_images, run_cli, subprocess_env, write_image
 from helpers import ONE_THREAD, tiny, write_png, write_recipe
 
@@ -80,8 +83,11 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def start_server(run_dir: Path, root: Path, *args: str) -> Server:
-    """The real console script, on a free loopback port; returns once /health says ok."""
+def start_server(run_dir: Path, root: Path, *args: str, new_session: bool = False) -> Server:
+    """The real console script, on a free loopback port; returns once /health says ok.
+
+    `new_session`: in its own process group, as a terminal's foreground job is, so that a
+    signal to the group reaches every process of the server, as Ctrl+C does."""
     cwd, log = root / "cwd", root / "serve.log"
     cwd.mkdir()
     port = free_port()
@@ -93,6 +99,7 @@ def start_server(run_dir: Path, root: Path, *args: str) -> Server:
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
     server = Server(process, f"http://127.0.0.1:{port}", cwd, log)
     deadline = time.monotonic() + START_TIMEOUT
@@ -319,8 +326,6 @@ def test_onnx_and_int8_models_agree_with_torch(run_dir: Path, images: list[Path]
 
     torch_model = ServedModel(ServeOptions(str(run_dir)))
     batch = np.stack([torch_model.preprocess(p.read_bytes(), p.name).numpy() for p in images])
-    import torch
-
     reference = torch_model.probabilities(torch.from_numpy(batch))  # [N, K]
     onnx = ServedModel(ServeOptions(str(run_dir), fmt="onnx")).probabilities(
         torch.from_numpy(batch)
@@ -349,6 +354,59 @@ def test_an_option_mistake_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "vittune: error: --host must be one of 127.0.0.1, 0.0.0.0, ::, got '10.1.2.3'"
     ]
+
+
+@pytest.mark.slow
+def test_a_port_in_use_is_one_line_before_the_model_loads(run_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", str(run_dir), "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout == ""  # no banner claiming to serve
+    assert result.stderr.strip().splitlines() == [
+        f"vittune: error: port {port} on 127.0.0.1 is in use; stop what listens there or pick"
+        " another with --port"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "serve", str(run_dir), "--device", "cuda", "--port", str(free_port()), cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "vittune: error: --device cuda, but torch finds no CUDA device"
+        " (torch.cuda.is_available() is false); use --device cpu or auto"
+    ]
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_stops_quietly(run_dir: Path, tmp_path: Path) -> None:
+    """Ctrl+C in a terminal sends SIGINT to every process of the foreground group: the model
+    worker and HTTP server get it too, not only `vittune serve`."""
+    served = start_server(run_dir, tmp_path, new_session=True)
+    children = psutil.Process(served.process.pid).children(recursive=True)
+    try:
+        signalled = time.monotonic()
+        os.killpg(served.process.pid, signal.SIGINT)
+        code = served.process.wait(timeout=90)
+        took = time.monotonic() - signalled
+    finally:
+        stop_server(served)
+    lines = served.output().strip().splitlines()
+    assert code == 0, served.output()
+    # the banner and the stopped line only: no traceback, no LitServe warning about a worker
+    # that had to be killed
+    assert lines[-1] == "vittune serve: stopped", served.output()
+    assert all(line.startswith("vittune serve: ") for line in lines), served.output()
+    assert took < 10, took  # LitServe kills a worker that ignores SIGTERM only after 5 s
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [c.cmdline() for c in alive]
 
 
 @pytest.mark.slow

@@ -5,15 +5,17 @@ workers per device, `GET /health` and `GET /info` (the run's input contract and 
 `model` field). vittune adds the `POST /predict` route: LitServe's own route only reads form or
 JSON bodies (it calls `request.json()` on anything else), so this one takes a raw image body
 too, bounds the body (`--max-body-mb`), refuses wrong content types with a 4xx JSON error, and
-hands the image bytes to LitServe's request queue. SIGTERM runs LitServe's graceful shutdown:
-the HTTP servers stop accepting, answer what is in flight, then the workers stop.
+hands the image bytes to LitServe's request queue. SIGTERM and Ctrl+C run LitServe's graceful
+shutdown: the HTTP servers stop accepting, answer what is in flight, then the workers stop.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +71,44 @@ def check_options(
         raise RecipeError(f"--threshold must be between 0 and 1, got {threshold}")
 
 
+def check_device(device: str) -> None:
+    """`--device cuda` on a machine without CUDA: one line here, not a worker that fails to
+    start after the banner (LitServe then prints two tracebacks)."""
+    if device == "cuda":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise RecipeError(
+                "--device cuda, but torch finds no CUDA device (torch.cuda.is_available() is"
+                " false); use --device cpu or auto"
+            )
+
+
+def check_port(host: str, port: int) -> None:
+    """A port that something else listens on: one line before the model loads.
+
+    LitServe finds out only when uvicorn binds, after the banner: uvicorn logs the errno and
+    the command exits 3. The probe binds as uvicorn does (SO_REUSEADDR, so a port whose last
+    connections are in TIME_WAIT counts as free) and lets go at once; a program that takes the
+    port between this check and LitServe's bind still meets uvicorn's error.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise RecipeError(
+                    f"port {port} on {host} is in use; stop what listens there or pick another"
+                    " with --port"
+                ) from None
+            raise RecipeError(
+                f"cannot listen on port {port} on {host} ({err.strerror}); pick another --host"
+                " or --port"
+            ) from None
+
+
 def run_info(run: TrainedRun, options: ServeOptions, version: str) -> dict[str, Any]:
     """What `GET /info` says about the model: classes, the input contract, the run's metrics."""
     assembly = build_trained(run)
@@ -110,17 +150,19 @@ def prepare_onnx(run: TrainedRun, int8: bool, log: Callable[[str], None]) -> Pat
     return path
 
 
-def stop_on_sigterm(server) -> None:
-    """SIGTERM in this process runs LitServe's graceful shutdown.
+def stop_on_signals(server) -> None:
+    """SIGTERM and SIGINT (Ctrl+C) in this process run LitServe's graceful shutdown.
 
     LitServe 0.2 installs no SIGTERM handler (the default one would kill this process and
-    orphan the HTTP server and the workers); its `run` waits on a shutdown event, the one its
-    own /shutdown endpoint sets. The handler sets that event from a new thread (a manager
-    proxy must not be re-entered from a signal handler in the thread blocked on it); setting
-    it, rather than raising KeyboardInterrupt, also ends LitServe's worker monitor, which would
-    otherwise report the stopped workers as a crash. Child processes forked later inherit the
-    handler and take the default action instead (uvicorn installs its own graceful one while
-    it serves).
+    orphan the HTTP server and the workers), and on KeyboardInterrupt it drops what is in
+    flight; its `run` waits on a shutdown event, the one its own /shutdown endpoint sets. The
+    handler sets that event from a new thread (a manager proxy must not be re-entered from a
+    signal handler in the thread blocked on it); setting it, rather than raising
+    KeyboardInterrupt, also ends LitServe's worker monitor, which would otherwise report the
+    stopped workers as a crash. Child processes forked later inherit the handler and take the
+    default action instead, quietly: uvicorn installs its own graceful one while it serves and
+    re-raises the signal into this one when it is done (the default SIGINT action of Python,
+    KeyboardInterrupt, would print a traceback there); the queue manager ignores SIGINT.
     """
     main, stopping = os.getpid(), []
 
@@ -132,11 +174,37 @@ def stop_on_sigterm(server) -> None:
         event = server._shutdown_event  # None until `run` has started its manager process
         if event is None:
             raise KeyboardInterrupt
-        if not stopping:  # a second SIGTERM changes nothing
-            stopping.append(threading.Thread(target=event.set, name="vittune-sigterm"))
+        if not stopping:  # a second signal changes nothing
+            stopping.append(threading.Thread(target=event.set, name="vittune-stop"))
             stopping[0].start()
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def workers_ignore_sigint(server) -> None:
+    """LitServe's model workers start with SIGINT ignored; this process stops them.
+
+    Ctrl+C in a terminal sends SIGINT to the whole foreground process group. A worker would
+    raise KeyboardInterrupt in LitServe's batch loop (a traceback) and drop what it holds,
+    while this process, which got the same SIGINT, is about to stop it in order. LitServe
+    offers no hook in the worker before `LitAPI.setup`, which runs after seconds of imports; a
+    worker that died then would never report ready, and LitServe waits for that. So SIGINT is
+    ignored here while LitServe spawns them: an ignored signal stays ignored across the exec,
+    and Python then installs no KeyboardInterrupt handler. LitServe stops workers with
+    SIGTERM, which still ends them at once. (A Ctrl+C during those few milliseconds is lost;
+    LitServe's restart path, off here, launches from a thread and is left alone.)
+    """
+    launch = server.launch_inference_worker
+
+    def launch_inference_worker(lit_api):
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return launch(lit_api)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    server.launch_inference_worker = launch_inference_worker
 
 
 def serve_run(
@@ -166,6 +234,8 @@ def serve_run(
         raise RecipeError(
             "vittune serve needs LitServe; install it with pip install 'vittune[serve]'"
         ) from None
+    check_device(device)
+    check_port(host, port)
     run = load_trained_run(run_folder, [], weights)
     if int8 and device == "cuda":
         raise RecipeError("--int8 runs on the CPU (dynamic quantisation); drop --device cuda")
@@ -186,7 +256,8 @@ def serve_run(
         disable_openapi_url=True,
     )
     add_predict_route(server, api, int(max_body_mb * 2**20))
-    stop_on_sigterm(server)
+    workers_ignore_sigint(server)
+    stop_on_signals(server)
     log(
         f"vittune serve: {run.folder} ({served_file.name}, {options.fmt}"
         f"{' int8' if int8 else ''}, batches of up to {max_batch_size} within"
