@@ -3,6 +3,7 @@ can be signalled or killed mid-run, and what its checkpoints hold."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,6 +39,17 @@ def wait_until(condition: Callable[[], bool], process: subprocess.Popen, timeout
         assert process.poll() is None, f"the run ended (code {process.returncode}) too early"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every file's SHA-256 and every folder under `folder`: equal before and after a refused
+    command when it changed, added and removed nothing (an empty new folder included)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "folder"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def load(path: Path) -> dict:

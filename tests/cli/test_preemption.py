@@ -6,10 +6,20 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import best_score, load, start_cli, stderr_of, step_of, wait_until
+from ckpt_helpers import (
+    best_score,
+    fingerprint,
+    load,
+    one_line_error,
+    start_cli,
+    stderr_of,
+    step_of,
+    wait_until,
+)
 from conftest import make_class_images, run_cli
 from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
 
@@ -39,6 +49,18 @@ def stop_with(signum: int, args: list[str], cwd: Path, log: Path, after_step: in
     return int(found.group(1))
 
 
+def epoch_seconds(stdout: str) -> list[tuple[int, float, bool]]:
+    """(epoch, seconds, whether the line says it timed only the part after a resume) for each
+    epoch line."""
+    found = [
+        re.fullmatch(r"epoch (\d+)/\d+  .*  (\d+\.\d) s( \(part after the resume\))?", line)
+        for line in stdout.splitlines()
+        if line.startswith("epoch ")
+    ]
+    assert all(found), stdout
+    return [(int(m.group(1)), float(m.group(2)), bool(m.group(3))) for m in found]
+
+
 @pytest.mark.slow
 def test_sigterm_and_sigusr1_lose_no_step_and_auto_resume_finishes(tmp_path: Path) -> None:
     make_class_images(tmp_path / "data", {"a": 40, "b": 40}, size=32)
@@ -56,6 +78,7 @@ def test_sigterm_and_sigusr1_lose_no_step_and_auto_resume_finishes(tmp_path: Pat
     wandb = ["logging.wandb=true"]
     run_dir = tmp_path / "runs" / "pre"
     last = run_dir / "checkpoints" / "last.ckpt"
+    began = time.monotonic()
 
     # SIGTERM once epoch 0 has ended (its checkpoint exists): the run is inside epoch 1.
     stopped = stop_with(signal.SIGTERM, args, tmp_path, tmp_path / "first", STEPS_PER_EPOCH)
@@ -63,15 +86,37 @@ def test_sigterm_and_sigusr1_lose_no_step_and_auto_resume_finishes(tmp_path: Pat
     assert load(last)["global_step"] == stopped  # the checkpoint holds the step it stopped at
     assert max(train_steps(run_dir)) + 1 == stopped  # every trained step is in it: none lost
     best_before = best_score(load(last))
+    (epoch, _, part), *_ = epoch_seconds((tmp_path / "first.out").read_text())
+    assert (epoch, part) == (0, False)  # a whole epoch in this process: plain seconds
+
+    # Fewer epochs than the checkpoint began: one line before anything is written (before:
+    # exit 0 with an export of the stopped weights, recipe.yaml saying max_epochs 1).
+    before = fingerprint(tmp_path / "runs")
+    refused = run_cli(*args, "trainer.max_epochs=1", cwd=tmp_path, env=ONE_THREAD)
+    assert (
+        "last.ckpt was saved inside epoch 1 (epochs count from 0), past trainer.max_epochs=1;"
+        " set trainer.max_epochs to 2 or more to finish that epoch"
+    ) in one_line_error(refused)
+    assert fingerprint(tmp_path / "runs") == before
 
     # SIGUSR1 (SLURM's warning signal) on the resumed run, after it trained further.
     stopped_again = stop_with(
         signal.SIGUSR1, args + wandb, tmp_path, tmp_path / "second", stopped + 1
     )
     assert load(last)["global_step"] == stopped_again > stopped
+    # The epoch resumed inside times this process's part of it, and says so (it printed
+    # time.monotonic() - 0.0: the machine's uptime).
+    (epoch, seconds, part), *_ = epoch_seconds((tmp_path / "second.out").read_text())
+    assert seconds < time.monotonic() - began
+    assert (epoch, part) == (1, stopped % STEPS_PER_EPOCH > 0)
 
+    started = time.monotonic()
     result = run_cli(*args, *wandb, cwd=tmp_path, env=ONE_THREAD)
+    wall = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (epoch, seconds, part), *more = epoch_seconds(result.stdout)
+    assert seconds < wall
+    assert (epoch, part) == (2, stopped_again % STEPS_PER_EPOCH > 0) and not more
     assert f"resuming runs/pre/checkpoints/last.ckpt at step {stopped_again}" in result.stdout
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pre"]  # one folder
     final = load(last)

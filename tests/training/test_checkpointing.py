@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from ckpt_helpers import best_score, cli_env, load, start_cli, step_of, wait_until
+from ckpt_helpers import (
+    best_score,
+    cli_env,
+    fingerprint,
+    load,
+    one_line_error,
+    start_cli,
+    step_of,
+    wait_until,
+)
 from conftest import TINY_VIT, make_class_images, run_cli
-from helpers import ONE_THREAD, column, read_metrics, tiny, write_recipe
+from helpers import ONE_THREAD, column, read_metrics, run_in_process, tiny, write_recipe
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -133,6 +143,54 @@ def test_resume_into_a_new_folder_keeps_the_best_of_the_earlier_epochs(plateau_r
     assert all(torch.equal(exported[k], epoch0[k]) for k in exported)
     # The figure too is epoch 0's, drawn from the counts the checkpoint kept.
     assert figure_title(new) == figure_title(old)
+
+
+def test_resume_past_max_epochs_or_max_steps_is_one_line_and_changes_nothing(plateau_run: Path):
+    # The plateau run finished 3 epochs (epochs 0-2) at step 12. Before: max_epochs=1 was
+    # Lightning's traceback, max_epochs=2 exported as if the run had ended at epoch 1; both
+    # after recipe.yaml and csv/hparams.yaml had been rewritten (and a new folder left half made).
+    last = plateau_run / "runs" / "plateau" / "checkpoints" / "last.ckpt"
+    args = ["finetune", "r.yaml", *tiny("data.batch_size=4", "optim.lr=1e-9")]
+    before = fingerprint(plateau_run / "runs")
+    same_folder = ["trainer.resume_from=auto", "logging.name=plateau"]
+    result = run_cli(*args, *same_folder, "trainer.max_epochs=2", cwd=plateau_run, env=ONE_THREAD)
+    assert one_line_error(result) == (
+        "vittune: error: trainer.resume_from runs/plateau/checkpoints/last.ckpt already finished"
+        " epoch 2 (3 epochs), more than trainer.max_epochs=2; set trainer.max_epochs above 3 to"
+        " train on from it"
+    )
+    new_folder = [f"trainer.resume_from={last}", "logging.name=fewer"]
+    for overrides, expected in [
+        ([*new_folder, "trainer.max_epochs=1"], "more than trainer.max_epochs=1;"),
+        (
+            [*same_folder, "trainer.max_epochs=5", "trainer.max_steps=11"],
+            "is already at step 12, past trainer.max_steps=11; set trainer.max_steps above 12",
+        ),
+    ]:
+        assert expected in one_line_error(run_in_process(*args, *overrides, cwd=plateau_run))
+    assert fingerprint(plateau_run / "runs") == before  # byte-identical, no new folder
+
+    # Reaching the limit exactly trains nothing and goes on to the export: how a run stopped
+    # after training, before its export, is finished (the stop message says to do this).
+    shutil.copytree(plateau_run / "runs" / "plateau", plateau_run / "runs" / "again")
+    rows = len(read_metrics(plateau_run / "runs" / "again"))
+    result = run_cli(
+        *args,
+        "trainer.resume_from=auto",
+        "logging.name=again",
+        "trainer.max_epochs=3",
+        cwd=plateau_run,
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (
+        "  it already reached trainer.max_epochs=3: nothing left to train; it goes on to the test"
+        " and the export (raise trainer.max_epochs to train on)"
+    ) in result.stdout.splitlines()
+    assert not [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert load(plateau_run / "runs" / "again" / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert len(read_metrics(plateau_run / "runs" / "again")) == rows  # no epoch trained
+    assert (plateau_run / "runs" / "again" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

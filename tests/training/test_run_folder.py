@@ -4,7 +4,6 @@ checked before its model_kwargs reach timm; exports are readable by all."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_helpers import cli_env, one_line_error
+from ckpt_helpers import cli_env, fingerprint, one_line_error
 from conftest import VITTUNE, make_class_images, run_cli
 from helpers import ONE_THREAD, tiny, write_recipe
 
@@ -48,14 +47,6 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def folders(work: Path) -> list[str]:
     return sorted(p.name for p in (work / "runs").iterdir())
-
-
-def fingerprint(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def recipe_args(last: Path, *extra: str) -> list[str]:

@@ -7,7 +7,9 @@ place there and writes a plain line at the end of each epoch:
     epoch 3/9  train/loss 0.412  val/loss 0.380  val/acc1 0.912  val/f1 0.905  lr 4.1e-04  12.3 s
 
 Epochs count from 0, as in metrics.csv, W&B and the checkpoint names; `3/9` is this epoch and
-the last one, as Lightning's own bar shows them. The validation values are those the task logs
+the last one, as Lightning's own bar shows them. The seconds are the epoch's, validation
+included; after a resume inside an epoch, that epoch's line times only the part trained in this
+process and says `(part after the resume)`. The validation values are those the task logs
 with `prog_bar=True` (its main metrics). What other libraries print is trimmed in noise.py.
 """
 
@@ -40,7 +42,8 @@ class EpochLines(ProgressBar):
         super().__init__()
         self.stream = stream
         self.enabled = True
-        self.started = 0.0
+        self.started = time.monotonic()
+        self.resumed_part = False  # this epoch began in an earlier process (a mid-epoch resume)
         self.validation: dict[str, float] = {}  # this epoch's values, empty if it had none
 
     @property
@@ -62,8 +65,15 @@ class EpochLines(ProgressBar):
         stream.write(line + "\n")
         stream.flush()  # a file is block-buffered: `tail -f` should see each epoch as it ends
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume inside an epoch skips on_train_epoch_start for that epoch: its line times
+        # the part trained in this process, from here, and says so.
+        self.started = time.monotonic()
+        self.resumed_part = True
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.monotonic()
+        self.resumed_part = False
         self.validation = {}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -93,7 +103,8 @@ class EpochLines(ProgressBar):
             # the largest group lr: with layer decay, the head's (the recipe's optim.lr schedule)
             values["lr"] = max(g["lr"] for g in trainer.optimizers[0].param_groups)
         parts += [f"{name} {format_value(name, value)}" for name, value in values.items()]
-        parts.append(f"{time.monotonic() - self.started:.1f} s")
+        seconds = f"{time.monotonic() - self.started:.1f} s"
+        parts.append(f"{seconds} (part after the resume)" if self.resumed_part else seconds)
         return "  ".join(parts)
 
 

@@ -70,6 +70,20 @@ class ResumePoint:
     shapes: dict[str, tuple[int, ...]]
     optimizer_groups: list[list[int]]  # parameter counts per group, per optimiser
     callbacks: dict[str, Any] = field(default_factory=dict)
+    # Whole epochs trained, and epochs begun: one more when it was saved inside an epoch.
+    epochs_done: int = 0
+    epochs_started: int = 0
+
+    def limit_reached(self, recipe: Recipe) -> str | None:
+        """The limit (`trainer.max_epochs=3`) this checkpoint already reached, so that a resume
+        trains nothing and only tests and exports it (how a run stopped after training gets its
+        export); None when there is training left."""
+        t = recipe.trainer
+        if t.max_steps >= 0 and self.global_step >= t.max_steps:
+            return f"trainer.max_steps={t.max_steps}"
+        if self.epochs_done >= t.max_epochs:
+            return f"trainer.max_epochs={t.max_epochs}"
+        return None
 
 
 def read_resume_point(path: Path) -> ResumePoint:
@@ -107,7 +121,23 @@ def read_resume_point(path: Path) -> ResumePoint:
             for opt in content["optimizer_states"]
         ],
         callbacks=content.get("callbacks", {}),
+        **epoch_progress(content),
     )
+
+
+def epoch_progress(content: dict[str, Any]) -> dict[str, int]:
+    """Whole epochs done and epochs begun, from the fit loop's state as Lightning saved it.
+
+    `epoch` alone cannot tell a finished epoch 2 (saved at its end) from one stopped inside
+    epoch 2; Lightning's `processed` and `started` counts can. Without them (another writer),
+    `epoch` counts as begun and not finished, which refuses what Lightning would refuse.
+    """
+    epoch = int(content.get("epoch", 0))
+    try:
+        current = content["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return {"epochs_done": int(current["processed"]), "epochs_started": int(current["started"])}
+    except (KeyError, TypeError, ValueError):
+        return {"epochs_done": epoch, "epochs_started": epoch + 1}
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
@@ -144,7 +174,38 @@ def resolve_resume(recipe: Recipe) -> ResumePoint | None:
             )
     point = read_resume_point(path)
     check_recipe_unchanged(point, recipe)
+    check_limits_ahead(point, recipe)
     return point
+
+
+def check_limits_ahead(point: ResumePoint, recipe: Recipe) -> None:
+    """Refuse a checkpoint already past `trainer.max_epochs` or `trainer.max_steps`.
+
+    Lightning finds out only inside `trainer.fit`, after the run folder, recipe.yaml and the
+    CSV log were written: a traceback for epochs, and for a smaller limit that it does not
+    check, an export as if the run had ended there. Reaching a limit exactly is no mistake:
+    nothing is left to train, and the resume tests and exports (see `limit_reached`).
+    """
+    t, where = recipe.trainer, f"trainer.resume_from {point.path}"
+    if t.max_steps >= 0 and point.global_step > t.max_steps:
+        raise RecipeError(
+            f"{where} is already at step {point.global_step}, past trainer.max_steps={t.max_steps};"
+            f" set trainer.max_steps above {point.global_step} (or -1 for no step limit) to train on from it"
+        )
+    if point.epochs_started <= t.max_epochs:
+        return
+    if point.epochs_started > point.epochs_done:  # saved inside an epoch (a stop, every_n_steps)
+        inside = point.epochs_started - 1
+        raise RecipeError(
+            f"{where} was saved inside epoch {inside} (epochs count from 0), past"
+            f" trainer.max_epochs={t.max_epochs}; set trainer.max_epochs to {inside + 1} or more"
+            " to finish that epoch"
+        )
+    raise RecipeError(
+        f"{where} already finished epoch {point.epochs_done - 1} ({point.epochs_done} epochs),"
+        f" more than trainer.max_epochs={t.max_epochs}; set trainer.max_epochs above"
+        f" {point.epochs_done} to train on from it"
+    )
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

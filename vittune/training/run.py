@@ -118,3 +118,8 @@ def start_in(
             f"  resuming {resume.path} at step {resume.global_step} (epoch {resume.epoch});"
             " weights, optimiser and schedule from it"
         )
+        if reached := resume.limit_reached(recipe):
+            log(
+                f"  it already reached {reached}: nothing left to train; it goes on to the test"
+                f" and the export (raise {reached.split('=')[0]} to train on)"
+            )
