@@ -1,9 +1,11 @@
-"""files.py: atomic writes clean up after dead writers, never after live ones."""
+"""files.py: atomic writes and staging folders clean up after dead writers, never after live
+ones; a Ctrl-C waits for the renames that replace a set of files."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vittune.files import atomic_link, atomic_write
+from vittune.files import atomic_link, atomic_write, replace_files, signals_held, staging_folder
 
 
 def _write_many(path: str, tag: str, count: int) -> None:
@@ -89,3 +91,39 @@ def test_atomic_link_refused_by_the_filesystem_changes_nothing(tmp_path: Path) -
         assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     finally:
         source.unlink()
+
+
+def test_a_staging_folder_goes_whatever_happens_and_a_dead_ones_leftover_too(
+    tmp_path: Path,
+) -> None:
+    """Files made in a staging folder replace the old ones only when moved; an error leaves
+    the old file as it was, and a killed process's staging folder is cleared by the next."""
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    left = tmp_path / f".model.onnx.{dead.stdout.strip()}.abc123.staging"  # killed mid-export
+    left.mkdir()
+    (left / "model.onnx").write_bytes(b"half")
+    with pytest.raises(ZeroDivisionError), staging_folder(target) as staging:
+        assert not left.exists()
+        (staging / "model.onnx").write_bytes(b"new")
+        1 / 0  # noqa: B018 (a failure before the move)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert target.read_bytes() == b"old"
+    with staging_folder(target) as staging:
+        (staging / "model.onnx").write_bytes(b"new")
+        replace_files([(staging / "model.onnx", target)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert target.read_bytes() == b"new"
+
+
+def test_ctrl_c_inside_signals_held_acts_when_the_block_ends() -> None:
+    """A real SIGINT arriving between two renames waits for the second, then interrupts."""
+    done = []
+    with pytest.raises(KeyboardInterrupt), signals_held():
+        signal.raise_signal(signal.SIGINT)  # without signals_held: KeyboardInterrupt here
+        done.append("the rest of the block")
+    assert done == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

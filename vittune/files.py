@@ -1,8 +1,9 @@
 """Writing files so that a crash, a full disk or a second process never leaves a half-made one.
 
 Every layer that writes into a run folder (checkpoints, exports, evaluation reports) uses
-these primitives: `atomic_write` (the old file or the new one, never a torn one) and
-`claim_fresh_folder` (a new folder, never one that exists).
+these primitives: `atomic_write` (the old file or the new one, never a torn one),
+`staging_folder` and `replace_files` (several files made and checked apart, then moved over the
+old ones together) and `claim_fresh_folder` (a new folder, never one that exists).
 
 A full disk (or a quota, or a file-size limit) is said in one line: which file, how much space
 is free there, and about how much the write needed. torch.save on a full disk fails inside its
@@ -18,11 +19,14 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from vittune.errors import RecipeError, StorageError
+from vittune.errors import STOP_SIGNALS, RecipeError, StorageError
 
 RUN_DIR_FIX = "point logging.run_dir at a writable folder"
 
@@ -128,6 +132,63 @@ def atomic_link(source: Path, path: Path) -> bool:
     return True
 
 
+@contextmanager
+def staging_folder(path: Path) -> Iterator[Path]:
+    """A new hidden folder beside `path` to make its replacement in; removed when the block ends.
+
+    Files are made there under their final names (an ONNX file names its external `.data` file
+    inside itself), checked, and moved over the old ones with `replace_files`; a failure or a
+    Ctrl-C before that leaves the old files as they were. Beside `path`, so each move is a
+    rename within one filesystem. Leftovers of killed processes are removed, not live ones'.
+    """
+    folder = path.parent
+    for stale in folder.glob(f".{path.name}.*.staging"):
+        if not _writer_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=_temp_prefix(path), suffix=".staging"))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_files(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each made file over its destination, in order (each name: old file or new one).
+
+    fsync each file before its rename and each folder after, as `atomic_write` does. Call it
+    inside `signals_held`, so that a Ctrl-C cannot stop it with half of the files moved.
+    """
+    for made, destination in moves:
+        _fsync(made)
+        os.chmod(made, 0o644)
+        os.replace(made, destination)
+    for folder in {destination.parent for _, destination in moves}:
+        _fsync(folder)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and the stop signals wait for the block to end, then act as they would.
+
+    For the few renames and writes that replace one set of files with another: stopped
+    halfway, a folder would hold half of each. Python runs signal handlers in the main thread
+    only, so elsewhere the block cannot be interrupted by one and nothing is changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    signums = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
+
+
 def _temp_prefix(path: Path) -> str:
     """`.<name>.<pid>.`: a temp file's name before its random part and `.tmp`; the pid lets
     a later write tell a dead writer's leftover from a live writer's file (`_writer_alive`)."""
@@ -135,10 +196,11 @@ def _temp_prefix(path: Path) -> str:
 
 
 def _writer_alive(temp: Path) -> bool:
-    """Whether the process that named this temp file (`.<name>.<pid>.<random>.tmp`) still runs
-    on this machine. Two processes writing one file (two sweep workers' reports) must not
-    delete each other's temp file mid-write; one killed mid-write leaves a dead pid."""
-    pid = temp.name[: -len(".tmp")].split(".")[-2]
+    """Whether the process that named this temp file (`.<name>.<pid>.<random>.tmp`, or a
+    `.staging` folder) still runs on this machine. Two processes writing one file (two sweep
+    workers' reports) must not delete each other's temp file mid-write; one killed mid-write
+    leaves a dead pid."""
+    pid = temp.name.split(".")[-3]
     if not pid.isdigit():  # an older temp name without a pid: a leftover
         return False
     return pid_alive(int(pid))

@@ -24,6 +24,8 @@ from vittune.deploy.formats import (
     export_onnx,
     export_torchscript,
     load_runner,
+    max_opset,
+    onnx_opset,
     require_extra,
 )
 from vittune.deploy.pipeline import export_run
@@ -206,12 +208,48 @@ def test_baked_normalisation_is_the_eval_transform_step() -> None:
         (dict(fmt="torchscript", opset=18), "--opset applies to --format onnx only"),
         (dict(opset=13), "--opset 13 has no LayerNormalization"),
         (dict(quantize="int4"), "--quantize must be int8, got 'int4'"),
+        (dict(opset=99), r"--opset 99 is above .*; use 17 to \d+"),
+        (dict(out="x.pt"), "--out x.pt does not end in .onnx; name it x.onnx or pass --format"),
+        (dict(fmt="torchscript", out="y.onnx"), "--out y.onnx does not end in .pt; name it y.pt"),
+        (dict(out="model"), "--out model does not end in .onnx; name it model.onnx"),
     ],
 )
 def test_option_mistakes_are_one_line_before_any_work(options: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message.replace("(", r"\(")) as caught:
         export_run("/nonexistent/run", **options)  # refused before the run is even read
     assert "\n" not in str(caught.value)
+
+
+def test_out_naming_a_folder_is_one_line_before_any_work(tmp_path: Path) -> None:
+    """Before, the export ran and then failed writing: IsADirectoryError, with a traceback."""
+    with pytest.raises(RecipeError, match=f"--out {tmp_path} is a folder; name a file in it"):
+        export_run("/nonexistent/run", out=tmp_path)
+
+
+def test_out_in_a_folder_that_cannot_be_made_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+    """Before, mkdir's FileExistsError came out as a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(RecipeError, match=f"cannot create the folder {blocker} \\(File exists"):
+        export_run(run_dir, out=blocker / "model.onnx", check_limit=4, latency_repeats=1)
+    assert blocker.read_text() == ""
+
+
+def test_the_highest_opset_allowed_exports_and_runs_and_the_next_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The bound said in the --opset error is real: the installed exporter writes a file at
+    that opset which onnxruntime runs, and one above it is refused before any work."""
+    top = max_opset()
+    model, example = tiny_model(in_chans=1, size=(32, 32)), torch.rand(2, 1, 32, 32)
+    export_onnx(model, example, tmp_path / "top.onnx", opset=top)
+    assert onnx_opset(tmp_path / "top.onnx") == top
+    with torch.no_grad():
+        expected = model(example).numpy()
+    outputs = load_runner(tmp_path / "top.onnx", "onnx")(example.numpy())
+    np.testing.assert_allclose(outputs, expected, atol=1e-4, rtol=0)
+    with pytest.raises(RecipeError, match=f"--opset {top + 1} is above"):
+        export_run("/nonexistent/run", opset=top + 1)
 
 
 def test_a_later_export_keeps_the_earlier_exports_rows(run_dir: Path) -> None:

@@ -150,6 +150,27 @@ def onnx_opset(path: Path) -> int:
     return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def max_opset() -> int:
+    """The newest ONNX opset this installation exports a ViT to (for `--opset`'s check).
+
+    torch.onnx's dynamo exporter writes the graph at its own opset and converts it to the one
+    asked for with onnxscript's version converter, which goes up to its
+    SUPPORTED_MAX_ONNX_OPSET (25 in onnxscript 0.7); above it onnx's C converter is tried,
+    fails on a ViT's Gelu and leaves a graph onnx.checker rejects (a traceback, not a file).
+    onnx itself knows no opset past `onnx_opset_version()`. Tested: the bound exports and runs.
+    """
+    import onnx  # noqa: PLC0415
+
+    newest = onnx.defs.onnx_opset_version()
+    try:  # a private module: without it, onnx's own bound is the one known
+        from onnxscript.version_converter._version_converter import (  # noqa: PLC0415
+            SUPPORTED_MAX_ONNX_OPSET,
+        )
+    except ImportError:
+        return newest
+    return min(newest, SUPPORTED_MAX_ONNX_OPSET)
+
+
 def file_size(path: Path) -> int:
     """Bytes on disk, with ONNX external weight data (models over 2 GB) counted."""
     external = path.with_name(path.name + ".data")

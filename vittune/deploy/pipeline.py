@@ -1,9 +1,10 @@
 """`vittune export RUN`: a trained run to a checked ONNX or TorchScript file (and int8 variant).
 
 Order: build the run's classifier exactly as evaluate/predict do, export it, run the file on
-the run's validation images and compare with PyTorch (a file that disagrees is removed and
-the command fails), write the input contract beside it, optionally quantise, and measure
-accuracy, size and latency into `RUN/export/report.json`.
+the run's validation images and compare with PyTorch (a file that disagrees fails the
+command), write the input contract beside it, optionally quantise, and measure accuracy, size
+and latency into `RUN/export/report.json`. All of it is made in a staging folder and moved over
+the earlier export only at the end, so a failed export keeps the earlier one as it was.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 from vittune.deploy.contract import input_contract, write_sidecar
+from vittune.deploy.export_options import check_options
 from vittune.deploy.formats import (
-    FORMATS,
     SUFFIXES,
     Normalised,
     export_onnx,
@@ -31,7 +32,6 @@ from vittune.deploy.formats import (
     onnx_opset,
     quantize_onnx,
     quantize_torchscript,
-    require_extra,
 )
 from vittune.deploy.measure import (
     Agreement,
@@ -43,12 +43,10 @@ from vittune.deploy.measure import (
     validation_samples,
 )
 from vittune.errors import RecipeError
-from vittune.files import atomic_write
+from vittune.files import atomic_write, replace_files, signals_held, staging_folder
 from vittune.inference.trained_run import build_trained, load_trained_run
 
-QUANTIZE_CHOICES = ("int8",)
 LATENCY_BATCHES = (1, 32)
-MIN_OPSET = 17  # LayerNormalization; older targets fail in onnx's version converter
 
 
 @dataclass
@@ -75,33 +73,14 @@ class ExportResult:
     variants: list[Variant]
 
 
-def _removed(path: Path) -> None:
-    for stale in (path, path.with_name(path.name + ".data"), path.with_name(path.name + ".json")):
-        stale.unlink(missing_ok=True)
+def _with_companions(path: Path) -> list[Path]:
+    """An exported file with its external weights (written first) and its sidecar (last)."""
+    return [path.with_name(path.name + ".data"), path, path.with_name(path.name + ".json")]
 
 
 def int8_path(path: Path) -> Path:
     """`model.onnx` -> `model.int8.onnx`."""
     return path.with_name(f"{path.stem}.int8{path.suffix}")
-
-
-def _check_options(
-    fmt: str, opset: int | None, quantize: str | None, tolerance: float, check_limit: int | None
-) -> None:
-    if fmt not in FORMATS:
-        raise RecipeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if opset is not None and fmt != "onnx":
-        raise RecipeError("--opset applies to --format onnx only")
-    if opset is not None and opset < MIN_OPSET:
-        raise RecipeError(
-            f"--opset {opset} has no LayerNormalization, which a ViT needs; use {MIN_OPSET} or later"
-        )
-    if quantize not in (None, *QUANTIZE_CHOICES):
-        raise RecipeError(f"--quantize must be {' or '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
-    if check_limit is not None and check_limit < 1:
-        raise RecipeError(f"--check-images must be at least 1, got {check_limit}")
-    if not tolerance > 0:
-        raise RecipeError(f"--tolerance must be positive, got {tolerance}")
 
 
 def export_run(
@@ -123,9 +102,7 @@ def export_run(
     the accuracies are measured on too; `latency_repeats`
     is how many timed runs each median is taken over.
     """
-    _check_options(fmt, opset, quantize, tolerance, check_limit)
-    if fmt == "onnx":
-        require_extra()
+    check_options(fmt, Path(out) if out else None, opset, quantize, tolerance, check_limit)
     run = load_trained_run(run_folder, [], weights)
     samples, note = validation_samples(run)
     assembly = build_trained(run, samples)
@@ -143,78 +120,111 @@ def export_run(
     feed_np = np.ascontiguousarray(feed.numpy(), dtype=np.float32)
 
     path = Path(out) if out else run.folder / "export" / f"model{SUFFIXES[fmt]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # An earlier export's files (its int8 variant too) must not outlive or describe this one.
-    _removed(path)
-    _removed(int8_path(path))
-    try:
+    report = run.folder / "export" / "report.json"
+    for folder in {path.parent, report.parent}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RecipeError(
+                f"cannot create the folder {folder} ({err.strerror}); pass --out a file in a"
+                " folder you can write to"
+            ) from None
+    # Everything is made under its final name in a staging folder beside `path` and moved
+    # over the earlier export only once checked and measured: a failed check, an error or a
+    # Ctrl-C before then leaves the earlier files and report.json as they were.
+    with staging_folder(path) as staging:
+        made = staging / path.name
         if fmt == "onnx":
-            export_onnx(deployed, feed[:2], path, opset)
+            export_onnx(deployed, feed[:2], made, opset)
         else:
-            export_torchscript(deployed, feed[:2], path)
-        runner = load_runner(path, fmt)
+            export_torchscript(deployed, feed[:2], made)
+        runner = load_runner(made, fmt)
         result = agreement(reference, run_batched(runner, feed_np), check.targets)
-    except BaseException:
-        _removed(path)
-        raise
-    if not np.isfinite(result.max_abs_diff) or result.max_abs_diff > tolerance:
-        _removed(path)
-        raise RecipeError(
-            f"the {fmt} export differs from PyTorch by {result.max_abs_diff:.3g} in the logits"
-            f" (tolerance {tolerance:g}, top-1 agreement {result.top1_agreement:.2%}) on"
-            f" {len(feed)} {check.source} images; removed {path}"
-        )
-    shapes = {b: (b, *feed.shape[1:]) for b in LATENCY_BATCHES}
+        if not np.isfinite(result.max_abs_diff) or result.max_abs_diff > tolerance:
+            kept = f"the previous {path} is kept" if path.exists() else f"nothing written to {path}"
+            raise RecipeError(
+                f"the {fmt} export differs from PyTorch by {result.max_abs_diff:.3g} in the"
+                f" logits (tolerance {tolerance:g}, top-1 agreement {result.top1_agreement:.2%})"
+                f" on {len(feed)} {check.source} images; {kept}"
+            )
+        shapes = {b: (b, *feed.shape[1:]) for b in LATENCY_BATCHES}
 
-    def measured(name: str, file: Path | None, check_: Agreement, run_) -> Variant:
-        times = {b: latency_ms(run_, shape, latency_repeats) for b, shape in shapes.items()}
-        return Variant(name, file, file_size(file) if file else None, check_, times)
+        def measured(name: str, file: Path | None, check_: Agreement, run_) -> Variant:
+            """A variant's numbers; `file` is its final path, measured where it was made."""
+            times = {b: latency_ms(run_, shape, latency_repeats) for b, shape in shapes.items()}
+            size = file_size(staging / file.name) if file else None
+            return Variant(name, file, size, check_, times)
 
-    variants = [
-        measured(
-            "pytorch fp32",
-            None,
-            agreement(reference, reference, check.targets),
-            lambda images: torch_logits(deployed, torch.from_numpy(images), len(images)),
-        ),
-        measured(f"{fmt} fp32", path, result, runner),
-    ]
-    contract = input_contract(run, fmt, mean, std, bake_normalisation, None)
-    if fmt == "onnx":
-        contract["opset"] = onnx_opset(path)
-    sidecar = write_sidecar(path, {**contract, "check": _check_doc(result, check, tolerance)})
-    if quantize:
-        variants.append(_quantized(fmt, deployed, feed, path, reference, check, measured))
-        contract = input_contract(run, fmt, mean, std, bake_normalisation, quantize)
+        variants = [
+            measured(
+                "pytorch fp32",
+                None,
+                agreement(reference, reference, check.targets),
+                lambda images: torch_logits(deployed, torch.from_numpy(images), len(images)),
+            ),
+            measured(f"{fmt} fp32", path, result, runner),
+        ]
+        contract = input_contract(run, fmt, mean, std, bake_normalisation, None)
         if fmt == "onnx":
-            contract["opset"] = onnx_opset(variants[-1].path)
-        doc = _check_doc(variants[-1].check, check, None)
-        write_sidecar(variants[-1].path, {**contract, "check": doc})
+            contract["opset"] = onnx_opset(made)
+        write_sidecar(made, {**contract, "check": _check_doc(result, check, tolerance)})
+        if quantize:
+            variants.append(
+                _quantized(fmt, deployed, feed, staging, path, reference, check, measured)
+            )
+            made_int8 = staging / int8_path(path).name
+            contract = input_contract(run, fmt, mean, std, bake_normalisation, quantize)
+            if fmt == "onnx":
+                contract["opset"] = onnx_opset(made_int8)
+            doc = _check_doc(variants[-1].check, check, None)
+            write_sidecar(made_int8, {**contract, "check": doc})
 
-    exported = ExportResult(
-        path=path,
-        sidecar=sidecar,
-        report=run.folder / "export" / "report.json",
-        fmt=fmt,
-        source=check.source,
-        note=check.note,
-        num_images=len(feed),
-        tolerance=tolerance,
-        variants=variants,
-    )
-    document = report_document(exported, run.folder, str(run.weights))
-    text = json.dumps(with_earlier_exports(exported.report, document), indent=2) + "\n"
-    atomic_write(exported.report, lambda temp: temp.write_text(text))
+        exported = ExportResult(
+            path=path,
+            sidecar=path.with_name(path.name + ".json"),
+            report=report,
+            fmt=fmt,
+            source=check.source,
+            note=check.note,
+            num_images=len(feed),
+            tolerance=tolerance,
+            variants=variants,
+        )
+        document = report_document(exported, run.folder, str(run.weights))
+        text = json.dumps(with_earlier_exports(report, document), indent=2) + "\n"
+        _publish(staging, path, report, text)
     return exported
 
 
-def _quantized(fmt, deployed, feed, path, reference, check, measured) -> Variant:
+def _publish(staging: Path, path: Path, report: Path, text: str) -> None:
+    """Move the made files over the earlier export's, then write report.json, then delete the
+    earlier files that the new export did not replace; Ctrl-C waits until all three are done.
+
+    Deleted: an int8 file (and its sidecar) when this export has none. It was derived from the
+    `path` being replaced (other weights, opset or normalisation, perhaps), so its numbers and
+    contract describe a model that is gone, and report.json, whose entry for `path` is now this
+    export's, would no longer list it; `vittune serve --int8` would still pick it up. Also an
+    external `.data` file the new export does not have. Deleted after report.json is written,
+    so the report never lists a missing file, and only once the export succeeded.
+    """
+    family = [*_with_companions(path), *_with_companions(int8_path(path))]
+    made = [f for f in family if (staging / f.name).is_file()]
+    with signals_held():
+        replace_files([(staging / f.name, f) for f in made])
+        atomic_write(report, lambda temp: temp.write_text(text))
+        for stale in set(family) - set(made):
+            stale.unlink(missing_ok=True)
+
+
+def _quantized(fmt, deployed, feed, staging, path, reference, check, measured) -> Variant:
+    """The int8 variant of the fp32 file made in `staging`, made there too."""
     target = int8_path(path)
+    made = staging / target.name
     if fmt == "onnx":
-        quantize_onnx(path, target)
+        quantize_onnx(staging / path.name, made)
     else:
-        quantize_torchscript(deployed, feed[:2], target)
-    runner = load_runner(target, fmt)
+        quantize_torchscript(deployed, feed[:2], made)
+    runner = load_runner(made, fmt)
     outputs = run_batched(runner, np.ascontiguousarray(feed.numpy(), dtype=np.float32))
     return measured(f"{fmt} int8", target, agreement(reference, outputs, check.targets), runner)
 
@@ -274,9 +284,17 @@ def with_earlier_exports(report: Path, document: dict[str, Any]) -> dict[str, An
         earlier = json.loads(report.read_text()).get("exports", {}) if report.is_file() else {}
     except (OSError, ValueError, AttributeError):
         earlier = {}  # an unreadable old report only loses the older rows
-    kept = {file: doc for file, doc in earlier.items() if Path(file).is_file()}
+    kept = {file: _existing(doc) for file, doc in earlier.items() if Path(file).is_file()}
     kept[document["file"]] = document
     return {**document, "exports": kept}
+
+
+def _existing(document: dict[str, Any]) -> dict[str, Any]:
+    """An earlier export's document without the rows of files no longer on disk (an int8
+    file deleted by hand), so that report.json never names a missing file."""
+    variants = document.get("variants", [])
+    kept = [v for v in variants if not v.get("path") or Path(v["path"]).is_file()]
+    return {**document, "variants": kept}
 
 
 def format_table(result: ExportResult) -> str:
