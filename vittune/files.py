@@ -266,6 +266,19 @@ def _errnos(err: BaseException) -> Iterator[int]:
             yield int(match[1])
 
 
+@contextmanager
+def storage_errors(path: Path, needed: int) -> Iterator[None]:
+    """A write that the storage refuses inside the block (a full disk, a file-size limit)
+    leaves it as the one-line StorageError for `path` (about `needed` bytes); other errors
+    pass through unchanged."""
+    try:
+        yield
+    except Exception as err:
+        if is_write_failure(err):
+            raise storage_error(path, needed, err) from None
+        raise
+
+
 def storage_error(path: Path, needed: int, err: BaseException) -> StorageError:
     """The one-line error for a refused write of about `needed` bytes to `path`."""
     try:

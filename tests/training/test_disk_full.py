@@ -157,3 +157,37 @@ def test_a_refused_adapter_write_is_one_line_and_keeps_the_previous_adapter(
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no partial folder left
     tensors = [p for p in (tmp_path / "adapter").iterdir() if p.suffix == ".safetensors"]
     assert len(tensors) == 1 and safetensors.torch.load_file(str(tensors[0]))  # whole, loads
+
+
+EXPORT_UNDER_LIMIT = """
+import resource, signal, sys
+from vittune.deploy.pipeline import export_run
+from vittune.errors import StorageError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # the model is ~0.5 MB
+try:
+    export_run(sys.argv[1], sys.argv[2], out=sys.argv[3], check_limit=8, latency_repeats=1)
+except StorageError as err:
+    print(err)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_refused_export_write_is_one_line_and_keeps_the_earlier_file(
+    trained_run: Path, tmp_path: Path, fmt: str
+) -> None:
+    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
+    out.write_bytes(b"an earlier export")
+    result = subprocess.run(
+        [sys.executable, "-c", EXPORT_UNDER_LIMIT, str(trained_run), fmt, str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"cannot write {out}: the write was refused with space free"), line
+    assert "(the previous file is kept, whole)" in line
+    assert out.read_bytes() == b"an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no staging folder left

@@ -8,6 +8,7 @@ quantisation tools, `torch.jit.trace` and `torch.ao` dynamic quantisation.
 from __future__ import annotations
 
 import importlib
+import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -88,7 +89,12 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model.eval(), _batch_of_two(example), check_trace=False)
-        torch.jit.save(traced, str(path))
+        # Saved to memory, then written by Python: torch.jit.save writing to a file that the
+        # disk refuses (full, or a file-size limit) aborts the whole process (its zip
+        # writer's destructor throws again: std::terminate), where Python's write raises.
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def quantize_onnx(source: Path, target: Path) -> None:

@@ -43,7 +43,13 @@ from vittune.deploy.measure import (
     validation_samples,
 )
 from vittune.errors import RecipeError
-from vittune.files import atomic_write, replace_files, signals_held, staging_folder
+from vittune.files import (
+    atomic_write,
+    replace_files,
+    signals_held,
+    staging_folder,
+    storage_errors,
+)
 from vittune.inference.trained_run import build_trained, load_trained_run
 
 LATENCY_BATCHES = (1, 32)
@@ -132,7 +138,8 @@ def export_run(
     # Everything is made under its final name in a staging folder beside `path` and moved
     # over the earlier export only once checked and measured: a failed check, an error or a
     # Ctrl-C before then leaves the earlier files and report.json as they were.
-    with staging_folder(path) as staging:
+    needed = sum(p.numel() * p.element_size() for p in deployed.parameters())
+    with staging_folder(path) as staging, storage_errors(path, needed):
         made = staging / path.name
         if fmt == "onnx":
             export_onnx(deployed, feed[:2], made, opset)
