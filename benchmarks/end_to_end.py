@@ -469,10 +469,15 @@ def main() -> None:
     )
     print(f"\n{described}\n\n" + "\n\n".join(parts))
     if args.write:
+        # the digits case fixes the model and data (digits_setup): its flags would mislead
+        synthetic_only = {"classes", "images", "val_fraction", "model", "depth", "img_size"}
+        synthetic_only |= {"patch_size", "batch_size", "workers"}
         flags = " ".join(
             f"--{k.replace('_', '-')} {v}"
             for k, v in vars(args).items()
-            if k != "write" and v is not None
+            if k != "write"
+            and v is not None
+            and not (args.data == "digits" and k in synthetic_only)
         )
         write_section(
             SECTIONS[args.data],
