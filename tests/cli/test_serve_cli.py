@@ -28,7 +28,7 @@ import psutil
 import pytest
 import torch
 from conftest import VITTUNE, make_class_images, run_cli, subprocess_env, write_image
-from helpers import ONE_THREAD, tiny, write_png, write_recipe
+from helpers import ONE_THREAD, run_in_process, tiny, write_png, write_recipe
 
 from vittune.deploy.serve_input import Refused
 from vittune.deploy.serve_model import ServedModel, ServeOptions, check_onnx_file
@@ -353,6 +353,23 @@ def test_an_option_mistake_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "vittune: error: --host must be one of 127.0.0.1, 0.0.0.0, ::, got '10.1.2.3'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--format", "onnx"], "--format onnx (onnxruntime's CPU provider) runs on the CPU"),
+        (["--int8"], "--int8 (dynamic quantisation) runs on the CPU"),
+    ],
+)
+def test_cpu_only_formats_on_cuda_are_one_line(
+    tmp_path: Path, options: list[str], expected: str
+) -> None:
+    result = run_in_process("serve", str(tmp_path), *options, "--device", "cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"vittune: error: {expected}; drop --device cuda, or serve --format torch on the GPU"
     ]
 
 

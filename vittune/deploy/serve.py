@@ -228,6 +228,12 @@ def serve_run(
         host, port, fmt, max_batch_size, batch_timeout, workers, device, max_body_mb, top_k,
         threshold,
     )  # fmt: skip
+    if device == "cuda" and (int8 or fmt == "onnx"):  # both are served on the CPU
+        served = "--int8 (dynamic quantisation)" if int8 else "--format onnx (onnxruntime's CPU"
+        served += "" if int8 else " provider)"
+        raise RecipeError(
+            f"{served} runs on the CPU; drop --device cuda, or serve --format torch on the GPU"
+        )
     try:
         import litserve as ls  # noqa: PLC0415
     except ImportError:
@@ -237,8 +243,6 @@ def serve_run(
     check_device(device)
     check_port(host, port)
     run = load_trained_run(run_folder, [], weights)
-    if int8 and device == "cuda":
-        raise RecipeError("--int8 runs on the CPU (dynamic quantisation); drop --device cuda")
     served_file = prepare_onnx(run, int8, log) if fmt == "onnx" else run.weights
     options = ServeOptions(str(run.folder), str(run.weights), fmt, int8, top_k, threshold)
     version = version_of(run.weights)
