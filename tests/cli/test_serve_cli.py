@@ -397,8 +397,7 @@ def test_device_cuda_without_cuda_is_one_line(run_dir: Path, tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "vittune: error: --device cuda, but torch finds no CUDA device"
-        " (torch.cuda.is_available() is false); use --device cpu or auto"
+        "vittune: error: --device cuda: no CUDA GPU is visible here; use --device cpu"
     ]
 
 

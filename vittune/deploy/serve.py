@@ -29,6 +29,7 @@ from vittune.deploy.serve_model import (
     version_of,
 )
 from vittune.errors import RecipeError
+from vittune.inference.devices import device_for
 from vittune.inference.trained_run import TrainedRun, build_trained, load_trained_run
 
 # LitServe binds only these (it refuses other host strings).
@@ -69,19 +70,6 @@ def check_options(
         raise RecipeError(f"--top-k must be at least 1, got {top_k}")
     if not 0.0 < threshold < 1.0:
         raise RecipeError(f"--threshold must be between 0 and 1, got {threshold}")
-
-
-def check_device(device: str) -> None:
-    """`--device cuda` on a machine without CUDA: one line here, not a worker that fails to
-    start after the banner (LitServe then prints two tracebacks)."""
-    if device == "cuda":
-        import torch  # noqa: PLC0415
-
-        if not torch.cuda.is_available():
-            raise RecipeError(
-                "--device cuda, but torch finds no CUDA device (torch.cuda.is_available() is"
-                " false); use --device cpu or auto"
-            )
 
 
 def check_port(host: str, port: int) -> None:
@@ -240,7 +228,7 @@ def serve_run(
         raise RecipeError(
             "vittune serve needs LitServe; install it with pip install 'vittune[serve]'"
         ) from None
-    check_device(device)
+    device_for(device)  # cuda with none here: one line, not a worker failing after the banner
     check_port(host, port)
     run = load_trained_run(run_folder, [], weights)
     served_file = prepare_onnx(run, int8, log) if fmt == "onnx" else run.weights

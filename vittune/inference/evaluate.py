@@ -33,6 +33,7 @@ from vittune.evaluation.figures import (
 from vittune.evaluation.prediction_csv import write_predictions
 from vittune.evaluation.report import EvaluationReport, build_report
 from vittune.files import check_folder_name, claim_fresh_folder
+from vittune.inference.devices import device_for
 from vittune.inference.tested_split import TestedSplit
 from vittune.inference.trained_run import TrainedRun, align_to_run, build_trained, load_trained_run
 
@@ -73,27 +74,6 @@ def _collate(items: list[tuple[int, object]]) -> tuple[list[int], list[int], obj
     images = torch.stack([item[0] for _, item in kept])  # [B, C, H, W]
     targets = torch.stack([item[1] for _, item in kept])  # [B] or [B, K]
     return [i for i, _ in kept], failed, (images, targets)
-
-
-def device_for(choice: str = "auto") -> torch.device:
-    """The torch device `--device` names; a user error when it names none, or one not here."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(choice)
-    except (RuntimeError, ValueError):
-        raise RecipeError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise RecipeError(f"--device {choice}: no CUDA GPU is visible here; use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise RecipeError(
-                f"--device {choice}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})"
-            )
-    elif device.type != "cpu":
-        raise RecipeError(f"--device must be auto, cpu, cuda or cuda:N, got {choice!r}")
-    return device
 
 
 @torch.no_grad()

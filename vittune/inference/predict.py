@@ -22,7 +22,7 @@ from vittune.errors import DataError, RecipeError
 from vittune.evaluation.clinical_run import load_operating_point
 from vittune.evaluation.inputs import expand_inputs
 from vittune.evaluation.prediction_csv import write_predictions
-from vittune.inference.evaluate import device_for
+from vittune.inference.devices import device_for
 from vittune.inference.trained_run import build_trained, load_trained_run
 
 
