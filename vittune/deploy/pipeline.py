@@ -51,6 +51,7 @@ from vittune.files import (
     storage_errors,
 )
 from vittune.inference.trained_run import build_trained, load_trained_run
+from vittune.models.backbone import tensor_bytes
 
 LATENCY_BATCHES = (1, 32)
 
@@ -138,8 +139,7 @@ def export_run(
     # Everything is made under its final name in a staging folder beside `path` and moved
     # over the earlier export only once checked and measured: a failed check, an error or a
     # Ctrl-C before then leaves the earlier files and report.json as they were.
-    needed = sum(p.numel() * p.element_size() for p in deployed.parameters())
-    with staging_folder(path) as staging, storage_errors(path, needed):
+    with staging_folder(path) as staging, storage_errors(path, tensor_bytes(deployed.parameters())):
         made = staging / path.name
         if fmt == "onnx":
             export_onnx(deployed, feed[:2], made, opset)

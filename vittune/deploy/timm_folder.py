@@ -37,6 +37,7 @@ from vittune.models.adapters.export_weights import (
     exported_weights,
     write_adapter,
 )
+from vittune.models.backbone import tensor_bytes
 from vittune.models.weights import read_state_dict
 from vittune.recipe.schema import Command, Recipe
 
@@ -132,7 +133,7 @@ def write_export(
     path = folder / filename
     tensors = contiguous_state(state)
     metadata = {"format": "pt", "architecture": config["architecture"]}
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    size = tensor_bytes(tensors.values())
     atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata), size=size)
     text = json.dumps(config, indent=2) + "\n"
     atomic_write(folder / "config.json", lambda temp: temp.write_text(text))

@@ -13,6 +13,7 @@ from torch import nn
 
 from vittune.files import is_write_failure, storage_error
 from vittune.models.adapters import is_mergeable, merged_model, save_adapter
+from vittune.models.backbone import tensor_bytes
 from vittune.models.weights import LIGHTNING_PREFIX, read_state_dict
 from vittune.recipe.schema import PeftConfig
 
@@ -53,13 +54,9 @@ def write_adapter(weights: ExportedWeights, cfg: PeftConfig, run_dir: Path, base
     except BaseException as err:
         shutil.rmtree(scratch, ignore_errors=True)
         if is_write_failure(err):
-            raise storage_error(final, _adapter_bytes(weights.adapted), err) from None
+            trained = (p for p in weights.adapted.parameters() if p.requires_grad)
+            raise storage_error(final, tensor_bytes(trained), err) from None
         raise
     shutil.rmtree(final, ignore_errors=True)
     scratch.rename(final)
     return final
-
-
-def _adapter_bytes(model: nn.Module) -> int:
-    """About what `adapter/` holds: the trainable tensors (the files add a little JSON)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
