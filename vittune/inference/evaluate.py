@@ -295,12 +295,12 @@ def evaluate_run(
         raise RecipeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if name is not None:
         check_folder_name(name, "--name")
-    check_data_overrides(overrides or [])
+    overrides = list(overrides or [])
+    check_data_overrides(overrides)
     on_device = device_for(device)  # refused here, before any work, when not available
     clinical = check_clinical(clinical or ClinicalOptions())
-    overrides = list(overrides or [])
     run = load_trained_run(run_folder, overrides, weights)
-    new_data = any(o.split("=", 1)[0].strip().startswith("data.") for o in overrides)
+    new_data = bool(overrides)  # data.* keys only (checked above): other data to score
     found, chosen = choose_samples(run, split, new_data, scanned)
     samples: list[Sample] = found.splits["val"]
     cfg = run.recipe.data
