@@ -28,6 +28,21 @@ def _patients(root: Path, count: int = 24, views: int = 4) -> Path:
     return root
 
 
+def _paths(samples) -> set[Path]:
+    return {s.path for s in samples}
+
+
+def _written(path: Path, found) -> list[dict[str, str]]:
+    """`found` through write_splits, read back as rows."""
+    write_splits(path, found)
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _same_split(a, b, splits=("train", "val")) -> bool:
+    return all(_paths(a.splits[split]) == _paths(b.splits[split]) for split in splits)
+
+
 def _groups(samples) -> set[str]:
     return {s.path.name.split("_")[0] for s in samples}
 
@@ -91,9 +106,7 @@ def test_csv_group_column_and_the_overlap_check(tmp_path: Path) -> None:
 def test_splits_csv_records_and_reproduces_a_split(tmp_path: Path) -> None:
     root = _patients(tmp_path / "data")
     found = scan_sources(DataConfig(root=str(root), group_pattern=r"(P\d+)_", val_fraction=0.25))
-    write_splits(tmp_path / "splits.csv", found)
-    with (tmp_path / "splits.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _written(tmp_path / "splits.csv", found)
     assert len(rows) == 96 and set(rows[0]) == {"path", "split", "labels", "group"}
     by_group: dict[str, set[str]] = {}
     for row in rows:
@@ -109,16 +122,13 @@ def test_splits_csv_records_and_reproduces_a_split(tmp_path: Path) -> None:
         )
     )
     assert set(reused.splits) == {"train", "val"}
-    for split in ("train", "val"):
-        assert {s.path for s in reused.splits[split]} == {s.path for s in found.splits[split]}
+    assert _same_split(reused, found)
 
 
 def test_a_train_fraction_split_is_reused_exactly_and_can_be_subset_again(tmp_path: Path) -> None:
     root = _patients(tmp_path / "data")
     found = scan_sources(DataConfig(root=str(root), val_fraction=0.25, train_fraction=0.3))
-    write_splits(tmp_path / "splits.csv", found)
-    with (tmp_path / "splits.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _written(tmp_path / "splits.csv", found)
     unused = {Path(r["path"]) for r in rows if r["split"] == "unused"}
     assert len(rows) == 96 and len(unused) == 72 - len(found.splits["train"])  # every image
     # the same recipe with the file: the same subset, not a subset of the subset
@@ -130,18 +140,17 @@ def test_a_train_fraction_split_is_reused_exactly_and_can_be_subset_again(tmp_pa
             splits_from=str(tmp_path / "splits.csv"),
         )
     )
-    for split in ("train", "val"):
-        assert {s.path for s in again.splits[split]} == {s.path for s in found.splits[split]}
-    assert {s.path for s in again.unused} == unused
+    assert _same_split(again, found)
+    assert _paths(again.unused) == unused
     # the split of a full run, with a train fraction now: that split's train images, subset
     full = scan_sources(DataConfig(root=str(root), val_fraction=0.25))
-    write_splits(tmp_path / "full.csv", full)
+    _written(tmp_path / "full.csv", full)
     subset = scan_sources(
         DataConfig(root=str(root), train_fraction=0.5, splits_from=str(tmp_path / "full.csv"))
     )
-    assert {s.path for s in subset.splits["val"]} == {s.path for s in full.splits["val"]}
-    kept = {s.path for s in subset.splits["train"]}
-    assert kept < {s.path for s in full.splits["train"]} and len(kept) == 36
+    assert _same_split(subset, full, ("val",))
+    kept = _paths(subset.splits["train"])
+    assert kept < _paths(full.splits["train"]) and len(kept) == 36
 
 
 def test_bad_group_settings_are_one_line_errors(tmp_path: Path) -> None:
