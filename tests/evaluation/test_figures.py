@@ -41,6 +41,37 @@ def test_confusion_figure_has_two_panels_even_with_an_absent_class(tmp_path: Pat
     assert pixels.shape[1] > 1.5 * pixels.shape[0]  # side by side
 
 
+@pytest.mark.parametrize(
+    "classes", [["a", "b"], ["benign", "malignant lesion (biopsy proven)", "normal"]]
+)
+def test_confusion_class_names_are_inside_the_figure_and_clear_of_the_panels(
+    classes: list[str],
+) -> None:
+    """The margins come from the widest class name: every tick label, axis label and title
+    lies inside the figure, and no y label of the right panel overlaps the left one."""
+    import matplotlib.pyplot as plt
+
+    from vittune.evaluation.figures import confusion_figure
+
+    counts = np.arange(len(classes) ** 2).reshape(len(classes), -1)
+    fig = confusion_figure(counts, classes, "a run, test split, 9 images")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside = fig.bbox.padded(1)  # one pixel of rounding
+    left, right = fig.axes
+    texts = [fig._suptitle]
+    for ax in (left, right):
+        texts += [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title]
+        texts += [ax.xaxis.label, ax.yaxis.label]
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1, text.get_text()
+        assert inside.y0 <= box.y0 and box.y1 <= inside.y1, text.get_text()
+    for text in [*right.get_yticklabels(), right.yaxis.label]:
+        assert text.get_window_extent(renderer).x0 > left.get_window_extent(renderer).x1
+    plt.close(fig)
+
+
 def test_reliability_diagram_and_roc_curves(tmp_path: Path, binary_report) -> None:
     read_png(save_reliability_diagram(binary_report.reliability, tmp_path / "reliability.png"))
     read_png(save_roc_curves(binary_report.roc, tmp_path / "roc.png"))
@@ -108,7 +139,17 @@ def test_mistake_titles_say_which_class_is_true() -> None:
 
     from vittune.evaluation.figures import mistakes_figure
 
-    fig = mistakes_figure(np.zeros((2, 1, 8, 8)), ["8", "3"], ["0", "5"], [0.52, 0.9])
-    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    images = np.stack([np.zeros((1, 8, 8)), np.ones((1, 8, 8))])  # black, then white
+    fig = mistakes_figure(images, ["8", "3"], ["0", "5"], [0.52, 0.9], columns=2)
+    titles = [text.get_text() for ax in fig.axes for text in ax.texts]
     assert titles == ["true 8\npredicted 0 (0.52)", "true 3\npredicted 5 (0.90)"]
+    # each image fills the middle of its own cell, below its title: left black, right white
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]  # [H, W, 3] uint8
+    height, width = pixels.shape[:2]
+    middle = int(height * 0.6)  # below the title band
+    assert (pixels[middle, width // 4] == 0).all()
+    assert (pixels[middle, 3 * width // 4] == 255).all()
+    assert (pixels[middle, width // 2] == 255).all()  # the white gap between the cells
+    assert (pixels[2, width // 4] == 255).all()  # the title band above the black image
     plt.close(fig)
