@@ -15,6 +15,7 @@ from vittune.evaluation.clinical import (
     delong_interval,
     parse_operating_point,
     rates_with_intervals,
+    resampled_auroc,
     stratified_resamples,
 )
 from vittune.evaluation.clinical_report import auroc_section, clinical_report, format_clinical
@@ -30,6 +31,20 @@ def _binary(n: int = 600, separation: float = 1.0, seed: int = 0) -> tuple[np.nd
 def test_rank_auroc_equals_sklearn_with_ties() -> None:
     labels, scores = _binary()
     assert auroc_ranks(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_resampled_auroc_equals_sklearn_on_each_resample_with_ties() -> None:
+    """Counting pairs per tie group on the once-sorted items gives roc_auc_score's number on
+    every resample, repeated items and tied scores included; a resample with one class: NaN."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 90)
+    scores = np.round(0.3 * labels + rng.random(90), 1)  # coarse: many ties across classes
+    draws = rng.integers(0, 90, (50, 90))  # [R, N] with replacement
+    draws[0] = np.flatnonzero(labels == 1)[0]  # one item 90 times: positives only
+    got = resampled_auroc(labels, scores, draws)
+    assert np.isnan(got[0])
+    want = [roc_auc_score(labels[d], scores[d]) for d in draws[1:]]
+    np.testing.assert_allclose(got[1:], want, rtol=0, atol=1e-12)
 
 
 def test_bootstrap_intervals_equal_a_plain_sklearn_loop_over_the_same_resamples() -> None:

@@ -6,9 +6,9 @@ the point estimates (`roc_auc_score`, `roc_curve`) but neither CIs nor DeLong's 
 so two things are written here, each tested against an independent computation:
 
 - a stratified bootstrap (positives and negatives resampled separately, so every resample
-  has both; seeded). AUROC per resample comes from the Mann-Whitney rank formula,
-  vectorised over resamples: a thousand `roc_auc_score` calls per class would cost seconds
-  of Python overhead, for the same number (the test checks it equals scikit-learn's);
+  has both; seeded). AUROC per resample is Mann-Whitney's pair count, vectorised over
+  resamples (`resampled_auroc`): a thousand `roc_auc_score` calls per class would cost
+  seconds of Python overhead, for the same number (the test checks it equals scikit-learn's);
 - DeLong's variance of a binary AUROC (DeLong et al. 1988, with Sun & Xu's midrank form),
   the usual analytic interval, which the tests cross-check against the bootstrap.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from scipy.stats import norm, rankdata
 
 DEFAULT_RESAMPLES = 1000
-_CHUNK = 100  # resamples ranked at once ([chunk, N] floats)
+_CHUNK_VALUES = 2_000_000  # item counts held at once ([chunk, N] integers, 16 MB)
 
 
 def auroc_ranks(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -32,6 +32,33 @@ def auroc_ranks(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     rank_sum = (ranks * labels).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def resampled_auroc(labels: np.ndarray, scores: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """AUROC on each resample: labels [N] in {0, 1}, scores [N], draws [R, N] indices into
+    the N items -> [R]; NaN where a resample has no positive or no negative.
+
+    A resample only repeats items, so the items are sorted once and a resample becomes a count
+    per item; the pairs (positive above negative, ties 1/2) are then summed over the groups of
+    tied scores in sorted order: O(N) a resample instead of ranking it (O(N log N)), which
+    matters for a 100,000-image test set with a thousand resamples per class.
+    """
+    count = len(scores)
+    order = np.argsort(scores, kind="stable")  # [N]
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # [G] first of each tie
+    place = np.empty(count, np.int64)
+    place[order] = np.arange(count)  # sorted position of each item
+    rows = np.arange(len(draws))[:, None] * count  # [R, 1]
+    flat = (rows + place[draws]).ravel()
+    times = np.bincount(flat, minlength=len(draws) * count).reshape(len(draws), count)  # [R, N]
+    positive = labels[order].astype(bool)  # [N], sorted
+    pos = np.add.reduceat(times * positive, starts, axis=1)  # [R, G] positives per tie group
+    neg = np.add.reduceat(times * ~positive, starts, axis=1)  # [R, G]
+    below = np.cumsum(neg, axis=1) - neg  # [R, G] negatives scored lower than the group
+    pairs = (pos * (below + 0.5 * neg)).sum(axis=1)  # [R]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pairs / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
 def stratified_resamples(strata: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -88,10 +115,13 @@ def bootstrap_auroc(
     auroc = auroc_ranks(onehot.T, probs.T)  # [K]
     draws = stratified_resamples(strata, resamples, seed)  # [R, N]
     per_class = np.empty((resamples, onehot.shape[1]))  # [R, K]
-    for start in range(0, resamples, _CHUNK):
-        rows = draws[start : start + _CHUNK]  # [r, N]
+    chunk = max(1, _CHUNK_VALUES // len(probs))  # resamples counted at once
+    for start in range(0, resamples, chunk):
+        rows = draws[start : start + chunk]  # [r, N]
         for k in range(onehot.shape[1]):
-            per_class[start : start + len(rows), k] = auroc_ranks(onehot[rows, k], probs[rows, k])
+            per_class[start : start + len(rows), k] = resampled_auroc(
+                onehot[:, k], probs[:, k], rows
+            )
     defined = np.isfinite(auroc)  # the macro mean is over classes defined on the full data
     macro_draws = (
         per_class[:, defined].mean(axis=1) if defined.any() else np.full(resamples, np.nan)
