@@ -21,7 +21,7 @@ from vittune.files import atomic_write
 
 OPERATING_POINT_FILE = "operating_point.json"
 # Without --bootstrap, CIs are computed when images x classes x resamples stays below this
-# (about 5 CPU-seconds): a 1,000-class evaluation of 50,000 images would take minutes.
+# (about 5 CPU-seconds): a 1,000-class evaluation of 50,000 images would take most of an hour.
 AUTO_BUDGET = 1e8
 
 
