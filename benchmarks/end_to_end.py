@@ -26,6 +26,7 @@ loaded 2-core machine, runs took twice as long and both clocks scattered by 15 %
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import resource
@@ -390,6 +391,17 @@ def tables(results: dict[str, list[tuple[Run, float]]], imports: dict[str, list[
     return ["\n".join(lines), verdict, "\n".join(split), "\n".join(importing)]
 
 
+def installed_extras() -> str:
+    """Which install ran: torchmetrics (imported by Lightning) also imports `transformers`
+    whenever it is installed, as the `peft` extra does: about 0.9 s more start-up."""
+    if importlib.util.find_spec("transformers") is None:
+        return "Installed without the `peft` extra (no `transformers`), as `make demo` installs."
+    return (
+        "Installed with `transformers` (the `peft` extra): torchmetrics imports it with"
+        " Lightning, about 0.9 s of start-up that the default install does not pay."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -466,6 +478,7 @@ def main() -> None:
         f" batch {setup.batch_size}, {setup.workers} loader worker(s), fp32 on CPU,"
         f" OMP_NUM_THREADS {args.threads or 'unset'}; {args.repeats} paired repeats."
         f" Load average (1 min) during the runs: {min(loads):.1f} - {max(loads):.1f}."
+        f" {installed_extras()}"
     )
     print(f"\n{described}\n\n" + "\n\n".join(parts))
     if args.write:
