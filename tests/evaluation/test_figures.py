@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -41,34 +42,42 @@ def test_confusion_figure_has_two_panels_even_with_an_absent_class(tmp_path: Pat
     assert pixels.shape[1] > 1.5 * pixels.shape[0]  # side by side
 
 
+@pytest.mark.parametrize("figure", ["test report", "training"])
 @pytest.mark.parametrize(
     "classes", [["a", "b"], ["benign", "malignant lesion (biopsy proven)", "normal"]]
 )
 def test_confusion_class_names_are_inside_the_figure_and_clear_of_the_panels(
-    classes: list[str],
+    classes: list[str], figure: str
 ) -> None:
     """The margins come from the widest class name: every tick label, axis label and title
-    lies inside the figure, and no y label of the right panel overlaps the left one."""
+    lies inside the figure, and no y label of a right panel overlaps the one on its left."""
     import matplotlib.pyplot as plt
+    import torch
 
     from vittune.evaluation.figures import confusion_figure
+    from vittune.tasks.figures import confusion_matrix_figure
 
     counts = np.arange(len(classes) ** 2).reshape(len(classes), -1)
-    fig = confusion_figure(counts, classes, "a run, test split, 9 images")
+    title = "a run, test split, 9 images"
+    if figure == "test report":
+        fig = confusion_figure(counts, classes, title)
+    else:
+        fig = confusion_matrix_figure(torch.tensor(counts), classes, f"validation: {title}")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     inside = fig.bbox.padded(1)  # one pixel of rounding
-    left, right = fig.axes
-    texts = [fig._suptitle]
-    for ax in (left, right):
+    texts = [fig._suptitle] if fig._suptitle is not None else []
+    for ax in fig.axes:
         texts += [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title]
         texts += [ax.xaxis.label, ax.yaxis.label]
+    assert len(fig.axes) == (2 if figure == "test report" else 1)
     for text in texts:
         box = text.get_window_extent(renderer)
         assert inside.x0 <= box.x0 and box.x1 <= inside.x1, text.get_text()
         assert inside.y0 <= box.y0 and box.y1 <= inside.y1, text.get_text()
-    for text in [*right.get_yticklabels(), right.yaxis.label]:
-        assert text.get_window_extent(renderer).x0 > left.get_window_extent(renderer).x1
+    for left, right in itertools.pairwise(fig.axes):
+        for text in [*right.get_yticklabels(), right.yaxis.label]:
+            assert text.get_window_extent(renderer).x0 > left.get_window_extent(renderer).x1
     plt.close(fig)
 
 

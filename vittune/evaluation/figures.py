@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.font_manager import FontProperties  # noqa: E402
 
 from vittune.evaluation.calibration import ReliabilityBins  # noqa: E402
+from vittune.evaluation.panel_layout import confusion_panels  # noqa: E402
 from vittune.evaluation.roc import RocCurve  # noqa: E402
 
 # Beyond this many classes the cell numbers are unreadable; the colours still show.
@@ -25,7 +25,7 @@ _MAX_ANNOTATED_CLASSES = 30
 
 # Fixed margins for the figures whose labels are fixed words: the layout engines measure
 # every text to place the axes, which took half of each figure's time (0.1-0.2 s a figure).
-# The confusion matrix measures its class names once instead (`_confusion_panels`).
+# The confusion matrix measures its class names once instead (`confusion_panels`).
 _FIXED_MARGINS = {"left": 0.14, "right": 0.96, "bottom": 0.1, "top": 0.92, "hspace": 0.08}
 
 
@@ -76,7 +76,8 @@ def confusion_figure(counts: np.ndarray, classes: Sequence[str], title: str = ""
         rates = np.where(totals > 0, counts / totals, np.nan)  # [K, K], NaN for absent classes
     fig = plt.figure()
     titles = ("counts", "row-normalised (recall on the diagonal)")
-    left, right = _confusion_panels(fig, [str(c) for c in classes], titles, bool(title))
+    side = min(2.0 + 0.4 * len(classes), 9.6)  # inches a panel
+    left, right = confusion_panels(fig, classes, titles, bool(title), side)
     _heat_map(left, counts.astype(float), counts.astype(str), classes)
     rate_text = np.where(np.isnan(rates), "", np.char.mod("%.2f", np.nan_to_num(rates)))
     _heat_map(right, rates, rate_text, classes)
@@ -85,40 +86,6 @@ def confusion_figure(counts: np.ndarray, classes: Sequence[str], title: str = ""
     if title:
         fig.suptitle(title, y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
-
-
-def _confusion_panels(
-    fig: plt.Figure, classes: list[str], titles: tuple[str, str], titled: bool
-) -> tuple[plt.Axes, plt.Axes]:
-    """Two square panels with room around them for the class names and panel titles, sized
-    from the widest as matplotlib's own renderer measures them. One measurement instead of a
-    layout engine (which measures every text of both panels, twice): the figure grows with the
-    names rather than the panels shrinking."""
-    panel = min(2.0 + 0.4 * len(classes), 9.6)  # inches a side
-    renderer = fig.canvas.get_renderer()
-
-    def inches(texts: list[str], size_key: str) -> tuple[float, float]:  # widest, tallest
-        font = FontProperties(size=plt.rcParams[size_key])
-        sizes = [renderer.get_text_width_height_descent(t, font, ismath=False) for t in texts]
-        return max(w for w, _, _ in sizes) / fig.dpi, max(h for _, h, _ in sizes) / fig.dpi
-
-    name_w, name_h = inches(classes, "xtick.labelsize")
-    title_w, title_h = inches(list(titles), "axes.titlesize")
-    line = FontProperties(size=plt.rcParams["axes.labelsize"]).get_size_in_points() / 72 * 1.4
-    ticks = 0.12  # tick mark and its padding
-    overhang = max(0.0, (title_w - panel) / 2)  # a panel title wider than its panel
-    left = 0.1 + max(line + name_w + ticks, overhang)  # axis label, names, ticks
-    gap = max(left, 2 * overhang + 0.1)
-    right = 0.25 + overhang
-    bottom = 0.1 + line + (name_w + name_h) * np.sqrt(0.5) + ticks  # names at 45 degrees
-    top = 0.15 + 1.6 * title_h + (2 * line if titled else 0.0)  # panel titles, the figure's
-    width, height = left + panel + gap + panel + right, bottom + panel + top
-    fig.set_size_inches(width, height)
-    first, second = (
-        fig.add_axes((x / width, bottom / height, panel / width, panel / height))
-        for x in (left, left + panel + gap)
-    )
-    return first, second
 
 
 def save_reliability_diagram(

@@ -11,16 +11,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import Logger, WandbLogger  # noqa: E402
 
+from vittune.evaluation.panel_layout import confusion_panels  # noqa: E402
+
 
 def save_confusion_matrix(
     matrix: torch.Tensor, classes: list[str], path: Path, title: str = ""
 ) -> Path:
+    """`confusion_matrix_figure` written to `path`, its title in the PNG's metadata."""
+    fig = confusion_matrix_figure(matrix, classes, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Title": title})  # readable without looking
+    plt.close(fig)
+    return path
+
+
+def confusion_matrix_figure(matrix: torch.Tensor, classes: list[str], title: str) -> plt.Figure:
     """Row-normalised heat map with raw counts written in each cell."""
     counts = matrix.detach().cpu().to(torch.long)
     rates = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
     n = len(classes)
-    size = min(2.0 + 0.6 * n, 16.0)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = plt.figure()
+    (ax,) = confusion_panels(fig, classes, [title], False, side=min(1.5 + 0.5 * n, 12.0))
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -34,11 +45,7 @@ def save_confusion_matrix(
                 ax.text(
                     j, i, str(int(counts[i, j])), ha="center", va="center", color=colour, fontsize=8
                 )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Title": title})  # readable without looking
-    plt.close(fig)
-    return path
+    return fig
 
 
 def save_mae_grid(columns: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
