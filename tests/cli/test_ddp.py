@@ -31,6 +31,11 @@ def test_two_process_ddp_on_cpu_completes_a_fit(tmp_path: Path) -> None:
         "trainer.max_epochs=2",
         "trainer.log_every_n_steps=1",
         "logging.name=ddp",
+        # weights held still and every forward deterministic, so train/loss_epoch has one
+        # right value to compare with: lr 1e-12, no augmentation, no drop path
+        "optim.lr=1e-12",
+        "augment.preset=none",
+        "model.drop_path_rate=0",
     )
     result = run_cli("finetune", str(recipe), *overrides, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -54,6 +59,28 @@ def test_two_process_ddp_on_cpu_completes_a_fit(tmp_path: Path) -> None:
     rows = read_metrics(run_dir)
     assert max(column(rows, "step")) + 1 == 2 * steps_per_epoch
     assert len(column(rows, "val/acc1")) == 2
+    # train/loss_epoch is the mean over both processes' images, not rank 0's half of them
+    expected = training_set_loss(run_dir)
+    assert column(rows, "train/loss_epoch") == pytest.approx([expected] * 2, abs=1e-5)
+
+
+def training_set_loss(run_dir: Path) -> float:
+    """Cross-entropy of the last checkpoint's weights over every training image, computed in
+    one process (normalised as the task does, without its loss function)."""
+    recipe = load_recipe(run_dir / "recipe.yaml", [], command="finetune")
+    assembly = build(recipe, "finetune", run_dir)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assembly.task.load_state_dict(checkpoint["state_dict"])
+    task = assembly.task.eval()
+    with torch.no_grad():
+        batches = [
+            task.on_after_batch_transfer(b, 0) for b in assembly.datamodule.train_dataloader()
+        ]
+        logits = torch.cat([task.model(images) for images, _ in batches])  # [N, K]
+        targets = torch.cat([labels for _, labels in batches])  # [N]
+    assert len(targets) == 32  # every training image once
+    smoothing = recipe.loss.label_smoothing
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing).item()
 
 
 def sklearn_scores(run_dir: Path) -> tuple[int, dict[str, float]]:

@@ -82,6 +82,17 @@ class VitTask(L.LightningModule):
         """What `trainer.compile` compiles in place (the backbone; MAE and distillation differ)."""
         return [self.model]
 
+    def log_train_loss(
+        self, name: str, loss: Tensor, batch_size: int, on_step: bool = True
+    ) -> None:
+        """Log a training loss (per step, and always as the epoch's mean) over every process's
+        images: without `sync_dist` a DDP run's `train/loss_epoch` was rank 0's shard alone.
+        The step value is then the mean over the processes' batches, one scalar all-reduce."""
+        self.log(
+            name, loss, prog_bar=on_step, on_step=on_step, on_epoch=True,
+            batch_size=batch_size, sync_dist=True,
+        )  # fmt: skip
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise integer images (training batches of presets without float steps, see
         `IntegerFirst.integers`) where they now are; float batches pass through unchanged.

@@ -109,9 +109,7 @@ class ClassificationTask(VitTask):
         images, loss_targets, mixed = self.mix(batch)
         logits = self(images)
         loss = self.train_loss(logits, loss_targets)
-        self.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images)
-        )
+        self.log_train_loss("train/loss", loss, len(images))
         if not mixed:
             self.score_training_batch(logits, batch[1])
         return loss

@@ -101,10 +101,10 @@ class DistillationTask(ClassificationTask):
             term = self.train_loss(dist_logits.float(), labels)
         loss = deit_loss(base, term, self.alpha if self.kind != "none" else 0.5)
         size = len(images)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
-        self.log("train/loss_cls", base, on_step=False, on_epoch=True, batch_size=size)
+        self.log_train_loss("train/loss", loss, size)
+        self.log_train_loss("train/loss_cls", base, size, on_step=False)
         if term is not None:
-            self.log("train/loss_dist", term, on_step=False, on_epoch=True, batch_size=size)
+            self.log_train_loss("train/loss_dist", term, size, on_step=False)
         if not mixed:
             self.score_training_batch((cls_logits + dist_logits) / 2, batch[1])
         return loss

@@ -89,9 +89,7 @@ class MaeTask(VitTask):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0]  # labels, if any, are ignored
         loss = self(images).loss
-        self.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images)
-        )
+        self.log_train_loss("train/loss", loss, len(images))
         return loss
 
     def _fixed_generator(self, batch_idx: int, device: torch.device) -> torch.Generator:

@@ -87,10 +87,13 @@ class EpochLines(ProgressBar):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Called before the LightningModule's hook, but the epoch means of what training_step
-        # logged (train/loss_epoch) are already final: the batch loop has ended.
-        if not (self.enabled and trainer.is_global_zero):
-            return
-        self.write(self.epoch_line(trainer))
+        # logged (train/loss_epoch) are already final: the batch loop has ended. Every process
+        # builds the line, though Lightning disables this "progress bar" beyond rank 0: reading
+        # the metrics computes those means, and train/loss is logged with sync_dist, an
+        # all-reduce that rank 0 alone would wait on forever under DDP.
+        line = self.epoch_line(trainer)
+        if self.enabled and trainer.is_global_zero:
+            self.write(line)
 
     def epoch_line(self, trainer: L.Trainer) -> str:
         epoch, last = trainer.current_epoch, trainer.max_epochs
