@@ -121,9 +121,16 @@ def test_a_staging_folder_goes_whatever_happens_and_a_dead_ones_leftover_too(
 
 def test_ctrl_c_inside_signals_held_acts_when_the_block_ends() -> None:
     """A real SIGINT arriving between two renames waits for the second, then interrupts."""
-    done = []
-    with pytest.raises(KeyboardInterrupt), signals_held():
-        signal.raise_signal(signal.SIGINT)  # without signals_held: KeyboardInterrupt here
-        done.append("the rest of the block")
-    assert done == ["the rest of the block"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, as a fresh vittune process has it. This test process may
+    # have run other tests first, and Lightning leaves SIGINT ignored after a Ctrl-C reached
+    # trainer.fit, or at SIG_DFL after it tore down a process group (a failure seen once).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), signals_held():
+            signal.raise_signal(signal.SIGINT)  # without signals_held: KeyboardInterrupt here
+            done.append("the rest of the block")
+        assert done == ["the rest of the block"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
