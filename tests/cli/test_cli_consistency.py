@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,11 @@ def test_prepare_data_takes_positional_overrides_like_every_command(tmp_path: Pa
     recipe = write_recipe(tmp_path / "r.yaml", {"data": {"root": "elsewhere", "num_workers": 0}})
     runner = CliRunner()
     given = [str(recipe), str(tmp_path / "shards"), f"data.root={tmp_path / 'data'}"]
+    ctrl_c = signal.getsignal(signal.SIGINT)
     result = runner.invoke(app, ["prepare-data", *given, "data.val_fraction=0.5"])
     assert result.exit_code == 0, result.output
+    # litdata's own Ctrl-C handler (stop its workers, exit 0) is not left behind in-process
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     written = json.loads((tmp_path / "shards" / "vittune.json").read_text())
     assert written["splits"] == {"train": 2, "val": 4}  # 1 + 2 of 3 per class: 0.5 held out
     # --override keeps working, and the positional one wins (it comes later)

@@ -16,7 +16,10 @@ import hashlib
 import json
 import multiprocessing
 import random
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vittune.data.datamodule import scan_sources
@@ -74,6 +77,22 @@ def _check_out(out: Path) -> None:
         raise DataError(f"{out} exists and is not empty; pick a new output folder or remove it")
 
 
+@contextmanager
+def _own_ctrl_c() -> Iterator[None]:
+    """litdata's optimize installs its own SIGINT handler (it stops its workers, then exits the
+    process with status 0) and leaves it installed: restored after, so a Python session that
+    prepared data keeps its own Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread installs handlers, litdata's included
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if handler is not None:  # None: installed outside Python, nothing to put back
+            signal.signal(signal.SIGINT, handler)
+
+
 def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = print) -> dict:
     """Write `recipe`'s images as litdata shards under `out`; returns what vittune.json holds."""
     require_litdata()
@@ -92,24 +111,25 @@ def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = p
     # class. Training images go in once in a seeded random order (samples.csv records it).
     random.Random(cfg.split_seed).shuffle(found.splits["train"])
     out.mkdir(parents=True, exist_ok=True)
-    for split, samples in found.splits.items():
-        entries = [(i, str(s.path.absolute()), s.labels) for i, s in enumerate(samples)]
-        log(f"  {split}: {len(entries)} images -> {out / split}")
-        optimize(
-            fn=shard_item,
-            inputs=entries,
-            output_dir=str((out / split).resolve()),
-            chunk_bytes=CHUNK_BYTES,
-            num_workers=max(1, min(cfg.num_workers, len(entries))),
-            # Each worker writes a static, ordered slice, so shard order is the listing order
-            # that samples.csv records (the reader checks every item's index against it).
-            keep_data_ordered=True,
-            reorder_files=False,
-            verbose=False,
-            # spawned workers re-import torch (a minute for a small folder here); fork where the
-            # platform has it (Linux), the platform's default elsewhere
-            start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
-        )
+    with _own_ctrl_c():
+        for split, samples in found.splits.items():
+            entries = [(i, str(s.path.absolute()), s.labels) for i, s in enumerate(samples)]
+            log(f"  {split}: {len(entries)} images -> {out / split}")
+            optimize(
+                fn=shard_item,
+                inputs=entries,
+                output_dir=str((out / split).resolve()),
+                chunk_bytes=CHUNK_BYTES,
+                num_workers=max(1, min(cfg.num_workers, len(entries))),
+                # Each worker writes a static, ordered slice, so shard order is the listing order
+                # that samples.csv records (the reader checks every item's index against it).
+                keep_data_ordered=True,
+                reorder_files=False,
+                verbose=False,
+                # spawned workers re-import torch (a minute for a small folder here); fork where the
+                # platform has it (Linux), the platform's default elsewhere
+                start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
+            )
     with (out / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["split", "index", "labels", "path"])
