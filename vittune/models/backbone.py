@@ -204,12 +204,12 @@ def create_backbone(
     return model, report
 
 
-@torch.no_grad()
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes the tensors hold: about what a file of them needs (a full disk's message)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@torch.no_grad()
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
