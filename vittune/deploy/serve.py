@@ -217,8 +217,11 @@ def serve_run(
         threshold,
     )  # fmt: skip
     if device == "cuda" and (int8 or fmt == "onnx"):  # both are served on the CPU
-        served = "--int8 (dynamic quantisation)" if int8 else "--format onnx (onnxruntime's CPU"
-        served += "" if int8 else " provider)"
+        served = (
+            "--int8 (dynamic quantisation)"
+            if int8
+            else "--format onnx (onnxruntime's CPU provider)"
+        )
         raise RecipeError(
             f"{served} runs on the CPU; drop --device cuda, or serve --format torch on the GPU"
         )
