@@ -122,8 +122,8 @@ def test_a_staging_folder_goes_whatever_happens_and_a_dead_ones_leftover_too(
 def test_ctrl_c_inside_signals_held_acts_when_the_block_ends() -> None:
     """A real SIGINT arriving between two renames waits for the second, then interrupts."""
     # Python's own Ctrl-C handler, as a fresh vittune process has it. This test process may
-    # have run other tests first, and Lightning leaves SIGINT ignored after a Ctrl-C reached
-    # trainer.fit, or at SIG_DFL after it tore down a process group (a failure seen once).
+    # have run other tests first, and a library may have left its own handler (litdata's
+    # optimize did, before prepare-data restored it: this test failed once on it).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         done = []

@@ -22,7 +22,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -179,14 +179,30 @@ def signals_held() -> Iterator[None]:
         return
     arrived: list[int] = []
     signums = (signal.SIGINT, *STOP_SIGNALS)
-    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in signums}
+    try:
+        with handlers_restored(signums):
+            for signum in signums:
+                signal.signal(signum, lambda number, frame: arrived.append(number))
+            yield
+    finally:
+        if arrived:
+            signal.raise_signal(arrived[0])
+
+
+@contextmanager
+def handlers_restored(signums: Iterable[int]) -> Iterator[None]:
+    """The handlers of `signums` as they were before the block, whatever it installed (a
+    library may install its own and leave it: litdata's optimize does for SIGINT). Only the
+    main thread can change handlers; elsewhere nothing is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in signums}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        if arrived:
-            signal.raise_signal(arrived[0])
 
 
 def _temp_prefix(path: Path) -> str:

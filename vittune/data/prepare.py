@@ -17,15 +17,14 @@ import json
 import multiprocessing
 import random
 import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from vittune.data.datamodule import scan_sources
 from vittune.data.datasets import SplitSamples
 from vittune.data.streaming import MANIFEST, METADATA, SCHEMA_VERSION, require_litdata
 from vittune.errors import DataError, RecipeError
+from vittune.files import handlers_restored
 from vittune.recipe.schema import DataConfig, Recipe
 
 CHUNK_BYTES = "64MB"  # litdata's recommended order of magnitude for object storage
@@ -77,22 +76,6 @@ def _check_out(out: Path) -> None:
         raise DataError(f"{out} exists and is not empty; pick a new output folder or remove it")
 
 
-@contextmanager
-def _own_ctrl_c() -> Iterator[None]:
-    """litdata's optimize installs its own SIGINT handler (it stops its workers, then exits the
-    process with status 0) and leaves it installed: restored after, so a Python session that
-    prepared data keeps its own Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread installs handlers, litdata's included
-        return
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        if handler is not None:  # None: installed outside Python, nothing to put back
-            signal.signal(signal.SIGINT, handler)
-
-
 def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = print) -> dict:
     """Write `recipe`'s images as litdata shards under `out`; returns what vittune.json holds."""
     require_litdata()
@@ -111,7 +94,10 @@ def prepare_data(recipe: Recipe, out: str | Path, log: Callable[[str], None] = p
     # class. Training images go in once in a seeded random order (samples.csv records it).
     random.Random(cfg.split_seed).shuffle(found.splits["train"])
     out.mkdir(parents=True, exist_ok=True)
-    with _own_ctrl_c():
+    # litdata's optimize installs its own SIGINT handler (it stops its workers, then exits the
+    # process with status 0) and leaves it there: a Python session that prepared data keeps
+    # its own Ctrl-C.
+    with handlers_restored([signal.SIGINT]):
         for split, samples in found.splits.items():
             entries = [(i, str(s.path.absolute()), s.labels) for i, s in enumerate(samples)]
             log(f"  {split}: {len(entries)} images -> {out / split}")

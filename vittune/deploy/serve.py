@@ -29,6 +29,7 @@ from vittune.deploy.serve_model import (
     version_of,
 )
 from vittune.errors import RecipeError
+from vittune.files import handlers_restored
 from vittune.inference.devices import device_for
 from vittune.inference.trained_run import TrainedRun, build_trained, load_trained_run
 
@@ -186,11 +187,9 @@ def workers_ignore_sigint(server) -> None:
     launch = server.launch_inference_worker
 
     def launch_inference_worker(lit_api):
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with handlers_restored([signal.SIGINT]):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             return launch(lit_api)
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     server.launch_inference_worker = launch_inference_worker
 
