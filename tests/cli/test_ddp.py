@@ -14,7 +14,8 @@ from helpers import ONE_THREAD, column, held_out, read_metrics, tiny, write_reci
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, top_k_accuracy_score
 
 from vittune.recipe.load import load_recipe
-from vittune.tasks.assembly import build
+from vittune.recipe.schema import Recipe
+from vittune.tasks.assembly import Assembly, build
 
 
 @pytest.mark.slow
@@ -67,10 +68,7 @@ def test_two_process_ddp_on_cpu_completes_a_fit(tmp_path: Path) -> None:
 def training_set_loss(run_dir: Path) -> float:
     """Cross-entropy of the last checkpoint's weights over every training image, computed in
     one process (normalised as the task does, without its loss function)."""
-    recipe = load_recipe(run_dir / "recipe.yaml", [], command="finetune")
-    assembly = build(recipe, "finetune", run_dir)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assembly.task.load_state_dict(checkpoint["state_dict"])
+    recipe, assembly, _ = last_checkpoint(run_dir)
     task = assembly.task.eval()
     with torch.no_grad():
         batches = [
@@ -83,13 +81,20 @@ def training_set_loss(run_dir: Path) -> float:
     return F.cross_entropy(logits, targets, label_smoothing=smoothing).item()
 
 
-def sklearn_scores(run_dir: Path) -> tuple[int, dict[str, float]]:
-    """(epoch, scores): scikit-learn on one process's predictions of the last checkpoint,
-    every validation image once."""
+def last_checkpoint(run_dir: Path) -> tuple[Recipe, Assembly, int]:
+    """The run's recipe, its task and data built in this process with last.ckpt's weights,
+    and that checkpoint's epoch."""
     recipe = load_recipe(run_dir / "recipe.yaml", [], command="finetune")
     assembly = build(recipe, "finetune", run_dir)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assembly.task.load_state_dict(checkpoint["state_dict"])
+    return recipe, assembly, checkpoint["epoch"]
+
+
+def sklearn_scores(run_dir: Path) -> tuple[int, dict[str, float]]:
+    """(epoch, scores): scikit-learn on one process's predictions of the last checkpoint,
+    every validation image once."""
+    _, assembly, epoch = last_checkpoint(run_dir)
     model = assembly.task.model.eval()
     with torch.no_grad():
         pairs = [(model(x), y) for x, y in assembly.datamodule.val_dataloader()]
@@ -97,7 +102,7 @@ def sklearn_scores(run_dir: Path) -> tuple[int, dict[str, float]]:
     targets = torch.cat([y for _, y in pairs])  # [N]
     y, probs = targets.numpy(), logits.softmax(-1).numpy()
     labels = np.arange(probs.shape[1])
-    return checkpoint["epoch"], {
+    return epoch, {
         "images": len(y),
         "val/acc1": accuracy_score(y, probs.argmax(1)),
         "val/acc5": top_k_accuracy_score(y, probs, k=5, labels=labels),
