@@ -63,6 +63,10 @@ IMPORTS = {  # what each side imports before its first line of work
     "python alone": "pass",
     "plain: torch, torchvision, timm": "import torch, torchvision, timm",
     "vittune: vittune.cli, vittune.training.run": "import vittune.cli, vittune.training.run",
+    "vittune: the same and Lightning, collection paused as the CLI does": (
+        "from vittune.training import collector; collector.pause();"
+        " import vittune.cli, vittune.training.run, vittune.training.session; collector.resume()"
+    ),
 }
 # Where `vittune finetune`'s start-up goes, step by step, in one fresh process (the order the
 # run takes them): each step's seconds are printed as "step seconds".
@@ -76,13 +80,16 @@ def mark(step):
     print(step, f"{now - start:.3f}", flush=True)
     start = now
 import vittune.cli
+from vittune.training import collector
 mark("import vittune.cli (typer)")
+collector.pause()  # as the command does: no garbage collection during the imports
 from vittune.recipe.load import load_recipe
 recipe = load_recipe(sys.argv[1], [], command="finetune")
 mark("load + check the recipe (imports timm, torch)")
 import vittune.training.run
 mark("import vittune.training.run (run folder, lock; the first line is printed here)")
 import vittune.training.session
+collector.resume()
 mark("import vittune.training.session (Lightning, torchmetrics)")
 from vittune.data.datamodule import scan_sources
 found = scan_sources(recipe.data)

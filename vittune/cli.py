@@ -16,6 +16,7 @@ import typer
 
 from vittune.errors import Preempted, VittuneError
 from vittune.inference.run_check import require_run_folder
+from vittune.training import collector
 
 app = typer.Typer(
     add_completion=False,
@@ -80,7 +81,11 @@ def _train(command: str, recipe_path: str, overrides: list[str] | None, print_re
             typer.echo(f"  run folder: {result.run_dir}")
             # result.messages (the W&B notice) were printed when the run started: not again
 
-    guarded(action)
+    collector.pause()  # for torch, timm and Lightning; fit resumes it once they are imported
+    try:
+        guarded(action)
+    finally:
+        collector.resume()  # where the command ended before (--print-recipe, a recipe error)
 
 
 @app.command()
@@ -119,12 +124,13 @@ def inspect(
     """Show the backbone, token grid, weights, teacher or decoder and parameter groups; no training."""
 
     def action() -> None:
-        from vittune.inference.inspect import inspect_recipe
-        from vittune.recipe.load import load_recipe
-
         if command not in (None, "finetune", "pretrain-mae", "distill"):
             raise typer.BadParameter("--command must be finetune, pretrain-mae or distill")
-        loaded = load_recipe(recipe, overrides or [], command=command)
+        with collector.paused():
+            from vittune.inference.inspect import inspect_recipe
+            from vittune.recipe.load import load_recipe
+
+            loaded = load_recipe(recipe, overrides or [], command=command)
         chosen = command or loaded.task or "finetune"
         typer.echo(inspect_recipe(loaded, chosen))
 
@@ -144,11 +150,12 @@ def prepare_data(
     """Write the recipe's images, split as training splits them, as litdata shards."""
 
     def action() -> None:
-        from vittune.data.prepare import prepare_data as write_shards
-        from vittune.recipe.load import load_recipe
-
         given = [*(option_overrides or []), *(overrides or [])]
-        loaded = load_recipe(recipe, given, command=None)
+        with collector.paused():
+            from vittune.data.prepare import prepare_data as write_shards
+            from vittune.recipe.load import load_recipe
+
+            loaded = load_recipe(recipe, given, command=None)
         typer.echo(f"vittune prepare-data: {recipe} -> {out}")
         metadata = write_shards(loaded, out, log=typer.echo)
         typer.echo(
@@ -201,10 +208,11 @@ def evaluate(
 
     def action() -> None:
         require_run_folder(run)  # before the heavy imports: a typo is said at once
-        from vittune.evaluation.clinical_report import format_clinical
-        from vittune.evaluation.clinical_run import ClinicalOptions
-        from vittune.evaluation.report import format_table
-        from vittune.inference.evaluate import evaluate_run
+        with collector.paused():
+            from vittune.evaluation.clinical_report import format_clinical
+            from vittune.evaluation.clinical_run import ClinicalOptions
+            from vittune.evaluation.report import format_table
+            from vittune.inference.evaluate import evaluate_run
 
         clinical = ClinicalOptions(operating_point, aggregate, bootstrap)
         result = evaluate_run(
@@ -248,7 +256,8 @@ def predict(
 
     def action() -> None:
         require_run_folder(run)
-        from vittune.inference.predict import predict_files
+        with collector.paused():
+            from vittune.inference.predict import predict_files
 
         result = predict_files(
             run, inputs, out, weights, batch_size, flip, threshold, top_k, device
@@ -280,7 +289,8 @@ def attention(
 
     def action() -> None:
         require_run_folder(run)
-        from vittune.inference.attention import attention_for_files
+        with collector.paused():
+            from vittune.inference.attention import attention_for_files
 
         written, failed = attention_for_files(run, images, out, weights, head_fusion, discard_ratio)
         typer.echo(f"vittune attention: {len(written)} image(s) -> {out}")
@@ -312,7 +322,8 @@ def export(
 
     def action() -> None:
         require_run_folder(run)
-        from vittune.deploy.pipeline import export_run, format_table
+        with collector.paused():
+            from vittune.deploy.pipeline import export_run, format_table
 
         result = export_run(
             run,
@@ -364,7 +375,8 @@ def serve(
     """Serve a trained run over HTTP (LitServe): POST /predict, GET /health, GET /info."""
 
     def action() -> None:
-        from vittune.deploy.serve import serve_run
+        with collector.paused():
+            from vittune.deploy.serve import serve_run
 
         serve_run(
             run, host, port, fmt, int8, max_batch_size, batch_timeout, workers, device,
@@ -405,16 +417,18 @@ def sweep(
     """Search the recipe's sweep.space with Optuna; each trial is a run folder (docs/sweeps.md)."""
 
     def action() -> None:
-        from vittune.recipe.load import load_recipe
+        with collector.paused():
+            from vittune.recipe.load import load_recipe
 
-        loaded = load_recipe(recipe, overrides or [], command=None)
+            loaded = load_recipe(recipe, overrides or [], command=None)
         command = loaded.task or "finetune"
         if wandb_sweep:
             from vittune.search.wandb_sweep import write_wandb_sweep
 
             write_wandb_sweep(loaded, command, recipe, overrides or [], wandb_sweep, log=typer.echo)
             return
-        from vittune.search.sweep import run_sweep
+        with collector.paused():
+            from vittune.search.sweep import run_sweep
 
         run_sweep(loaded, command, recipe, trials, study, storage, log=typer.echo)
 
@@ -435,10 +449,11 @@ def lr_find(
     """Learning-rate range test that keeps layer decay and group ratios; prints optim.lr=..."""
 
     def action() -> None:
-        from vittune.recipe.load import load_recipe
-        from vittune.search.lr_find import run_lr_find
+        with collector.paused():
+            from vittune.recipe.load import load_recipe
+            from vittune.search.lr_find import run_lr_find
 
-        loaded = load_recipe(recipe, overrides or [], command=None)
+            loaded = load_recipe(recipe, overrides or [], command=None)
         run_lr_find(loaded, loaded.task or "finetune", steps, min_lr, max_lr, plot, log=typer.echo)
 
     guarded(action)

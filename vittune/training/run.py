@@ -18,6 +18,7 @@ from vittune.errors import Preempted, RecipeError
 from vittune.files import atomic_write
 from vittune.recipe.load import dump_recipe
 from vittune.recipe.schema import Command, Recipe
+from vittune.training import collector
 from vittune.training.resume import ResumePoint, resolve_resume
 from vittune.training.run_folder import (
     RunFolder,
@@ -67,6 +68,7 @@ def fit(
                 # user learns where the run is at once (the imports alone take seconds).
                 from vittune.training.session import train_in_folder  # noqa: PLC0415
 
+                collector.resume()  # the imports are done (cli.py paused it for them)
                 return train_in_folder(folder, recipe, command, log, resume, signals, callbacks)
         except Preempted as stop:
             held = held_checkpoints(folder.path)
