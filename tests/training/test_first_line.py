@@ -1,6 +1,6 @@
 """A run says where it is before the slow part of its start-up: the run folder line comes
 before Lightning is imported, the images are scanned and the model is built (issue 17: the
-first line came 10 s after the command on the digits folder; 2.6 s now, benchmarks/end_to_end.py)."""
+first line came 10 s after the command on the digits folder; 2.5 s now, benchmarks/end_to_end.py)."""
 
 from __future__ import annotations
 
