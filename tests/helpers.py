@@ -7,10 +7,12 @@ without changing it.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -112,6 +114,21 @@ def held_out(count: int, fraction: float) -> int:
     if count < 2:
         return 0
     return min(count - 1, max(1, round(count * fraction)))
+
+
+def run_fresh_python(code: str, *args: str, cwd: Path) -> dict:
+    """`python -c code args` in a fresh interpreter (imports and start-up as the command has
+    them), as a `vittune` subprocess runs; the JSON object its last line of output prints."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=subprocess_env(**ONE_THREAD),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -81,11 +81,10 @@ def _train(command: str, recipe_path: str, overrides: list[str] | None, print_re
             typer.echo(f"  run folder: {result.run_dir}")
             # result.messages (the W&B notice) were printed when the run started: not again
 
-    collector.pause()  # for torch, timm and Lightning; fit resumes it once they are imported
-    try:
+    # for torch, timm and Lightning: fit resumes collection once they are imported (the end
+    # of the block does, where the command ends before: --print-recipe, a recipe error)
+    with collector.paused():
         guarded(action)
-    finally:
-        collector.resume()  # where the command ended before (--print-recipe, a recipe error)
 
 
 @app.command()

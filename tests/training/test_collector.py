@@ -4,31 +4,14 @@ on again, with the imported objects frozen, before the work starts (training/col
 from __future__ import annotations
 
 import gc
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning  # noqa: F401  (imported, as in every command that has started its work)
 import pytest
-from conftest import make_class_images, subprocess_env
-from helpers import ONE_THREAD, tiny, write_recipe
+from conftest import make_class_images
+from helpers import run_fresh_python, tiny, write_recipe
 
 from vittune.training import collector
-
-
-def run_python(code: str, *args: str, cwd: Path) -> dict:
-    """`code` in a fresh interpreter; the JSON object on its last line of output."""
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=cwd,
-        env=subprocess_env(**ONE_THREAD),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_nothing_changes_once_lightning_is_imported() -> None:
@@ -68,7 +51,7 @@ print(json.dumps(out))
 def test_pause_holds_collection_off_until_resume_which_freezes_the_imports(
     tmp_path: Path,
 ) -> None:
-    out = run_python(WINDOW, cwd=tmp_path)
+    out = run_fresh_python(WINDOW, cwd=tmp_path)
     assert out["off while paused"] and out["on after"] and out["frozen covers the imports"]
     assert out["frozen once"] > 0 and not out["paused again"] and out["on after the error"]
 
@@ -79,17 +62,17 @@ def test_a_caller_that_turned_collection_off_keeps_it_off(tmp_path: Path) -> Non
         " collector.pause(); import lightning; collector.resume();"
         " print(json.dumps([gc.isenabled(), gc.get_freeze_count()]))"
     )
-    assert run_python(code, cwd=tmp_path) == [False, 0]
+    assert run_fresh_python(code, cwd=tmp_path) == [False, 0]
 
 
 # `vittune finetune` as the console script runs it, with every collection recorded: whether
-# torch was imported by then, whether the imports had been frozen, and the generation.
+# torch was imported by then, and whether the imports had been frozen.
 CLI = """
 import gc, json, sys
 seen = []
 def record(phase, info):
     if phase == "start":
-        seen.append(["torch" in sys.modules, gc.get_freeze_count() > 0, info["generation"]])
+        seen.append(["torch" in sys.modules, gc.get_freeze_count() > 0])
 gc.callbacks.append(record)
 from vittune.cli import main
 sys.argv = ["vittune", "finetune", *sys.argv[1:]]
@@ -109,7 +92,7 @@ def test_finetune_collects_nothing_while_importing_and_collects_while_training(
     make_class_images(tmp_path / "data", {"a": 6, "b": 6}, size=32)
     recipe = write_recipe(tmp_path / "r.yaml", {"data": {"root": str(tmp_path / "data")}})
     args = [str(recipe), *tiny("trainer.max_epochs=1")]
-    out = run_python(CLI, *args, *(["--print-recipe"] if print_recipe else []), cwd=tmp_path)
+    out = run_fresh_python(CLI, *args, *(["--print-recipe"] if print_recipe else []), cwd=tmp_path)
     collections = out["collections"]
     # between the pause (before torch comes in) and the resume, freezing: no collection
     assert not [c for c in collections if c[0] and not c[1]]

@@ -4,13 +4,10 @@ first line came 10 s after the command on the digits folder; 2.5 s now, benchmar
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import make_class_images, subprocess_env
-from helpers import ONE_THREAD, tiny, write_recipe
+from conftest import make_class_images
+from helpers import run_fresh_python, tiny, write_recipe
 
 # In a fresh interpreter, as the CLI runs it: what was imported when the first line came.
 PROBE = """
@@ -33,16 +30,7 @@ def test_the_run_folder_line_comes_before_lightning_and_the_data(tmp_path: Path)
     make_class_images(tmp_path / "data", {"a": 6, "b": 6}, size=32)
     recipe = write_recipe(tmp_path / "r.yaml", {"data": {"root": str(tmp_path / "data")}})
     overrides = tiny("trainer.max_epochs=1", "logging.name=first", "logging.wandb=true")
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(recipe), *overrides],
-        cwd=tmp_path,
-        env=subprocess_env(**ONE_THREAD),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    first = json.loads(result.stdout.strip().splitlines()[-1])
+    first = run_fresh_python(PROBE, str(recipe), *overrides, cwd=tmp_path)
     assert first["line"] == f"vittune finetune: run folder {Path('runs') / 'first'}"
     assert first["imported"] == []  # none of them yet
     assert (tmp_path / "runs" / "first" / "model.safetensors").is_file()  # the run went on
